@@ -1,0 +1,42 @@
+"""Per-architecture adapters, keyed by ``config.model_type`` (the only place that knows module names).
+
+The dependency graph finds *which* parameters are coupled by tracing; an adapter only adds what tracing
+cannot know: where the decoder layers are, what each kind of group is called, and which config fields to
+write back after shrinking.
+"""
+from __future__ import annotations
+
+from .base import Adapter
+from .llama import LlamaAdapter
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> None:
+    for model_type in adapter.model_types:
+        _ADAPTERS[model_type] = adapter
+
+
+register(LlamaAdapter())
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_adapter(config_or_model) -> Adapter:
+    """The adapter for a model or config; a clear error listing what is supported otherwise."""
+    config = getattr(config_or_model, "config", config_or_model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"architecture model_type={model_type!r} has no LLMPruner adapter; "
+            f"supported: {', '.join(supported_model_types())}")
+    return _ADAPTERS[model_type]
+
+
+__all__ = ["Adapter", "UnsupportedArchitectureError", "get_adapter", "register", "supported_model_types"]

@@ -1,0 +1,46 @@
+"""The adapter interface: what tracing cannot know about an architecture."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn as nn
+
+from ..structure import ModelStructure
+
+GroupKind = Literal["attention", "mlp", "hidden"]
+
+
+class Adapter:
+    """Base adapter. Subclasses declare module names; the generic code never spells one."""
+
+    model_types: tuple[str, ...] = ()
+    #: short module name -> the kind of group its output/input channels belong to
+    module_kinds: dict[str, GroupKind] = {}
+    #: every linear projection of a decoder layer (the default LoRA targets)
+    lora_target_modules: tuple[str, ...] = ()
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def keep_decoder_layers(self, model: nn.Module, keep: list[int]) -> None:
+        """Keep only the decoder layers at indices ``keep`` (in order), renumbering caches and config."""
+        raise NotImplementedError
+
+    def read_structure(self, model: nn.Module) -> ModelStructure:
+        """Per-layer shapes read from the weights themselves."""
+        raise NotImplementedError
+
+    def update_config(self, model: nn.Module) -> ModelStructure:
+        """Write the shapes found in the weights back into ``model.config`` and module attributes."""
+        raise NotImplementedError
+
+    def resize_layer(self, layer: nn.Module, shape, hidden_size: int, head_dim: int) -> None:
+        """Replace a decoder layer's projections by empty ones of the given shape (for loading)."""
+        raise NotImplementedError
+
+    def kind_of(self, param_name: str) -> GroupKind | None:
+        parts = param_name.split(".")
+        for part in reversed(parts):
+            if part in self.module_kinds:
+                return self.module_kinds[part]
+        return None

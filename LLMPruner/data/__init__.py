@@ -1,0 +1,1 @@
+"""Text sources: calibration samples for importance estimation, and evaluation corpora."""
