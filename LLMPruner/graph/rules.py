@@ -1,0 +1,102 @@
+"""How channel ids flow through each torch operation.
+
+A *shadow* is an integer tensor of the same shape as an activation holding, at each position, the id of
+the channel that position belongs to. Four kinds of rules:
+
+* **move** ops (view, transpose, cat, slicing, expand, ...) only move values around: replay the op on the
+  shadow. ``q.view(1, T, 4, 8)`` turns shadow ``[0..31]`` into 4 heads of 8 ids, exactly like the data.
+* **elementwise** ops (add, mul, silu, ...) join the ids found at the same position of every input:
+  a residual ``h + attn(h)`` joins the hidden channel ``c`` of both sides.
+* **reductions** (mean over a dim, ...) keep an id only where it is constant along the reduced dims:
+  RMSNorm's ``x.pow(2).mean(-1)`` has no channel identity, so it joins nothing.
+* **contractions**: ``linear(x, W)`` joins ``x[..., i]`` with column ``i`` of ``W`` and gives row ids of
+  ``W`` to the output; a matmul of two activations (attention ``q @ k^T``, ``p @ v``) joins everything in
+  each batch slice (a head), since a head can only be removed whole.
+"""
+from __future__ import annotations
+
+import torch
+
+from .ids import NO_ID, IdSpace
+
+MOVE = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous",
+        "flatten", "unflatten", "__getitem__", "narrow", "split", "chunk", "cat", "concat", "concatenate",
+        "stack", "repeat", "repeat_interleave", "index_select", "t", "movedim", "clone", "detach", "select",
+        "unbind", "tile", "swapaxes", "expand_as", "view_as", "reshape_as", "broadcast_to", "roll", "flip"}
+IDENTITY = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "cpu", "cuda", "requires_grad_",
+            "dropout", "softmax", "log_softmax", "_softmax", "__neg__", "neg", "silu", "gelu", "relu",
+            "sigmoid", "tanh", "exp", "rsqrt", "sqrt", "abs", "square", "erf", "log", "sin", "cos",
+            "relu6", "leaky_relu", "hardswish", "mish", "softplus", "elu", "selu", "gelu_new", "__pos__",
+            "clamp", "clip", "clamp_min", "clamp_max", "pow", "__pow__", "masked_fill", "nan_to_num"}
+ELEMENTWISE = {"add", "sub", "mul", "div", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
+               "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "add_",
+               "mul_", "div_", "sub_", "where", "addcmul", "lerp", "maximum", "minimum", "true_divide",
+               "multiply", "subtract", "divide", "fmod", "remainder", "copysign"}
+REDUCE = {"mean", "sum", "var", "std", "amax", "amin", "norm", "logsumexp", "prod"}
+MATMUL = {"matmul", "bmm", "__matmul__", "__rmatmul__", "einsum_unsupported"}
+
+
+def move(func, args, kwargs, shadow_of):
+    """Replay a data-movement op on shadows; tensors without a shadow become NO_ID tensors."""
+    def swap(x):
+        if isinstance(x, torch.Tensor):
+            s = shadow_of(x)
+            return s if s is not None else torch.full(x.shape, NO_ID, dtype=torch.long)
+        if isinstance(x, (list, tuple)):
+            return type(x)(swap(y) for y in x)
+        return x
+    name = func.__name__
+    if name in ("expand_as", "view_as", "reshape_as"):
+        target = args[1].shape
+        op = {"expand_as": "expand", "view_as": "view", "reshape_as": "reshape"}[name]
+        return getattr(swap(args[0]), op)(target)
+    return func(*swap(list(args)), **{k: swap(v) for k, v in kwargs.items()})
+
+
+def elementwise(space: IdSpace, shadows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Join ids position by position across the inputs; the output carries the first known id."""
+    shadows = [torch.broadcast_to(s, shape) for s in shadows]
+    out = shadows[0].clone()
+    for s in shadows[1:]:
+        space.link(out, s)
+        out = torch.where(out >= 0, out, s)
+    return out
+
+
+def reduce(shadow: torch.Tensor, dims, keepdim: bool) -> torch.Tensor:
+    if dims is None:
+        return torch.full((), NO_ID, dtype=torch.long)
+    hi, lo = shadow.amax(dim=dims, keepdim=keepdim), shadow.amin(dim=dims, keepdim=keepdim)
+    return torch.where(hi == lo, hi, torch.full_like(hi, NO_ID))
+
+
+def linear(space: IdSpace, x: torch.Tensor | None, w_in: torch.Tensor, w_out: torch.Tensor,
+           bias: torch.Tensor | None, out_shape: torch.Size) -> torch.Tensor:
+    """``y = x @ W^T + b``: x's last dim joins W's input ids; y carries W's output ids."""
+    if x is not None:
+        space.link(x, w_in.expand(x.shape))
+    if bias is not None:
+        space.link(w_out, bias)
+    return w_out.expand(out_shape).clone()
+
+
+def collapse_matmul(space: IdSpace, a: torch.Tensor, b: torch.Tensor, out_shape: torch.Size) -> torch.Tensor:
+    """``a @ b`` of two activations: every id of a batch slice (e.g. a head) joins one fresh id."""
+    batch = tuple(out_shape[:-2])
+    a = torch.broadcast_to(a, batch + tuple(a.shape[-2:])).reshape(-1, a.shape[-2] * a.shape[-1])
+    b = torch.broadcast_to(b, batch + tuple(b.shape[-2:])).reshape(-1, b.shape[-2] * b.shape[-1])
+    fresh = space.fresh(a.shape[0])
+    space.link(fresh[:, None].expand(a.shape), a)
+    space.link(fresh[:, None].expand(b.shape), b)
+    return fresh.reshape(batch + (1, 1)).expand(out_shape).clone()
+
+
+def attention(space: IdSpace, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              out_shape: torch.Size) -> torch.Tensor:
+    """Scaled dot-product attention ``softmax(q k^T) v``, with grouped KV heads repeated."""
+    rep = q.shape[-3] // k.shape[-3]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scores_shape = torch.Size(tuple(q.shape[:-1]) + (k.shape[-2],))
+    scores = collapse_matmul(space, q, k.transpose(-1, -2), scores_shape)
+    return collapse_matmul(space, scores, v, out_shape)
