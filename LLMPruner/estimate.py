@@ -1,0 +1,181 @@
+"""Estimation: an importance score for every unit of every family.
+
+Element saliences (``W`` weight, ``g`` gradient of the calibration loss, ``F`` diagonal empirical Fisher =
+mean of per-example squared gradients):
+
+=============  ==========================  ======================================
+pruner/taylor  per channel (sum over the other dims)  worked example, W=[1,-2], g=[3,1]
+=============  ==========================  ======================================
+l1             sum |W|                      3
+l2             sum W^2                      5
+vectorize      |sum W*g|                    |3 - 2| = 1
+param_first    sum |W*g|                    3 + 2 = 5
+param_second   sum |1/2 W*F*W|              1/2 (1*F1 + 4*F2)
+param_mix      sum |W*g - 1/2 W*F*W|
+=============  ==========================  ======================================
+
+A unit (a head group, an MLP channel) sums the scores of its channels in each member parameter; the
+members are then combined with ``grouping`` (sum, mean, max, prod, or the last member).
+
+Gradients are turned into channel scores *as they arrive* (a post-accumulate-grad hook per parameter) and
+freed at once, so no gradient copy of the whole model is ever held; only parameters of the families
+being scored take gradients at all.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .graph import Family
+
+logger = logging.getLogger(__name__)
+
+PrunerType = Literal["random", "l1", "l2", "taylor"]
+TaylorMode = Literal["vectorize", "param_first", "param_second", "param_mix"]
+Grouping = Literal["sum", "mean", "max", "prod", "last"]
+PRUNER_TYPES = ("random", "l1", "l2", "taylor")
+TAYLOR_MODES = ("vectorize", "param_first", "param_second", "param_mix")
+GROUPINGS = ("sum", "mean", "max", "prod", "last")
+
+Slot = tuple[str, int]  # (parameter name, dim)
+
+
+def channel_reduce(salience: torch.Tensor, dim: int, abs_first: bool = True) -> torch.Tensor:
+    """Per-index totals along ``dim``: ``sum |s|`` over the other dims (or ``|sum s|``)."""
+    other = [d for d in range(salience.ndim) if d != dim]
+    if abs_first:
+        return salience.abs().sum(dim=other) if other else salience.abs()
+    return (salience.sum(dim=other) if other else salience).abs()
+
+
+def _slots(families: list[Family]) -> dict[str, list[int]]:
+    needed: dict[str, list[int]] = {}
+    for fam in families:
+        for m in fam.members:
+            needed.setdefault(m.param, [])
+            if m.dim not in needed[m.param]:
+                needed[m.param].append(m.dim)
+    return needed
+
+
+def magnitude_scores(model: nn.Module, families: list[Family], p: int) -> dict[Slot, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {(n, d): channel_reduce(params[n].detach().float().abs().pow(p), d)
+            for n, dims in _slots(families).items() for d in dims}
+
+
+def taylor_scores(model: nn.Module, families: list[Family], examples: torch.Tensor,
+                  mode: TaylorMode) -> dict[Slot, torch.Tensor]:
+    """Channel scores from gradients of the language-model loss on ``examples`` ``[N, T]``."""
+    params = dict(model.named_parameters())
+    needed = _slots(families)
+    scores: dict[Slot, torch.Tensor] = {}
+    fisher: dict[str, torch.Tensor] = {}
+    phase = {"name": "grad"}
+    n = examples.shape[0]
+
+    def on_grad(name: str, p: torch.Tensor) -> None:
+        w, g = p.detach().float(), p.grad.detach().float()
+        p.grad = None  # free the gradient right away: scores are all we keep
+        if phase["name"] == "fisher":
+            if mode == "param_second":  # linear in g^2: accumulate reductions, never the Fisher itself
+                for d in needed[name]:
+                    add = channel_reduce(0.5 * w * w * g * g / n, d)
+                    scores[(name, d)] = scores.get((name, d), 0) + add
+            else:
+                fisher[name] = fisher.get(name, 0) + g * g / n
+            return
+        if mode == "vectorize":
+            for d in needed[name]:
+                scores[(name, d)] = channel_reduce(w * g, d, abs_first=False)
+        elif mode == "param_first":
+            for d in needed[name]:
+                scores[(name, d)] = channel_reduce(w * g, d)
+        elif mode == "param_mix":
+            sal = w * g - 0.5 * w * fisher.pop(name) * w
+            for d in needed[name]:
+                scores[(name, d)] = channel_reduce(sal, d)
+
+    saved = {n: p.requires_grad for n, p in params.items()}
+    handles = []
+    try:
+        for name, p in params.items():
+            p.requires_grad_(name in needed)
+            if name in needed:
+                handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: on_grad(name, p)))
+        if mode in ("param_second", "param_mix"):
+            phase["name"] = "fisher"
+            for i in tqdm(range(n), desc="fisher (per-example gradients)", leave=False):
+                _backward(model, examples[i:i + 1], f"example {i}")
+        if mode != "param_second":
+            phase["name"] = "grad"
+            _backward(model, examples, "calibration batch")
+    finally:
+        for h in handles:
+            h.remove()
+        for name, p in params.items():
+            p.requires_grad_(saved[name])
+            p.grad = None
+    missing = [(n, d) for n, dims in needed.items() for d in dims if (n, d) not in scores]
+    assert not missing, f"no gradient reached {missing[:3]}"
+    return scores
+
+
+def _backward(model: nn.Module, batch: torch.Tensor, what: str) -> None:
+    batch = batch.to(next(model.parameters()).device)
+    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(
+            f"calibration loss is {loss.item()} on the {what}; the model's dtype "
+            f"({next(model.parameters()).dtype}) may overflow: try --dtype float32 or bfloat16")
+    loss.backward()
+
+
+def unit_scores(families: list[Family], channel: dict[Slot, torch.Tensor] | None,
+                grouping: Grouping = "sum", seed: int = 0) -> dict[str, torch.Tensor]:
+    """``{family.key: [n_units] scores}``; ``channel=None`` means random scores."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for fam in families:
+        if channel is None:
+            out[fam.key] = torch.rand(fam.n_units, generator=gen)
+            continue
+        per_member = torch.stack([channel[(m.param, m.dim)].cpu()[m.indices].sum(1) for m in fam.members])
+        out[fam.key] = _combine(per_member, grouping)
+    return out
+
+
+def _combine(per_member: torch.Tensor, grouping: Grouping) -> torch.Tensor:
+    if grouping == "sum":
+        return per_member.sum(0)
+    if grouping == "mean":
+        return per_member.mean(0)
+    if grouping == "max":
+        return per_member.max(0).values
+    if grouping == "prod":
+        return per_member.prod(0)
+    if grouping == "last":
+        return per_member[-1]
+    raise ValueError(f"--grouping_strategy {grouping!r}: choose one of {', '.join(GROUPINGS)}")
+
+
+def estimate(model: nn.Module, families: list[Family], *, pruner_type: PrunerType = "taylor",
+             taylor: TaylorMode = "param_first", grouping: Grouping = "sum",
+             examples: torch.Tensor | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Importance of every unit of ``families`` (higher = more important)."""
+    if pruner_type == "random":
+        return unit_scores(families, None, grouping, seed)
+    if pruner_type in ("l1", "l2"):
+        return unit_scores(families, magnitude_scores(model, families, 1 if pruner_type == "l1" else 2), grouping)
+    if pruner_type == "taylor":
+        if taylor not in TAYLOR_MODES:
+            raise ValueError(f"--taylor {taylor!r}: choose one of {', '.join(TAYLOR_MODES)}")
+        if examples is None:
+            raise ValueError("taylor importance needs calibration examples")
+        return unit_scores(families, taylor_scores(model, families, examples, taylor), grouping)
+    raise ValueError(f"--pruner_type {pruner_type!r}: choose one of {', '.join(PRUNER_TYPES)}")

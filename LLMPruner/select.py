@@ -1,0 +1,72 @@
+"""Selection: from unit scores to a pruning plan.
+
+Per layer (default) every target family keeps ``int(n * (1 - ratio))`` of its ``n`` units; with
+``global_pruning`` the units of each kind (attention, mlp, hidden) are ranked together across layers.
+Never the last unit of a family. ``round_to`` rounds each family's kept channel count to a multiple.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from .graph import Family
+from .plan import PruningPlan
+
+logger = logging.getLogger(__name__)
+
+
+def kept_count(n: int, ratio: float, round_to: int = 1, channels_per_unit: int = 1) -> int:
+    keep = max(1, int(n * (1.0 - ratio) + 1e-9))
+    if round_to > 1 and channels_per_unit < round_to:
+        step = max(1, round_to // channels_per_unit)
+        keep = max(step, int(round(keep / step)) * step)
+    return min(keep, n)
+
+
+def choose(families: list[Family], scores: dict[str, torch.Tensor], ratio: float,
+           global_pruning: bool = False, round_to: int = 1) -> dict[str, list[int]]:
+    """``{family.key: removed unit indices}`` (lowest scores removed)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--pruning_ratio {ratio}: must be in [0, 1)")
+    removed: dict[str, list[int]] = {}
+    if not global_pruning:
+        for fam in families:
+            keep = kept_count(fam.n_units, ratio, round_to, fam.members[0].indices.shape[1])
+            order = torch.argsort(scores[fam.key], stable=True)
+            removed[fam.key] = sorted(order[: fam.n_units - keep].tolist())
+        return removed
+    for kind in sorted({f.kind for f in families}):
+        fams = [f for f in families if f.kind == kind]
+        total = sum(f.n_units for f in fams)
+        to_remove = total - max(len(fams), int(total * (1.0 - ratio) + 1e-9))
+        flat = torch.cat([scores[f.key] for f in fams])
+        owner = torch.cat([torch.full((f.n_units,), i) for i, f in enumerate(fams)])
+        unit = torch.cat([torch.arange(f.n_units) for f in fams])
+        picked = {f.key: [] for f in fams}
+        for j in torch.argsort(flat, stable=True).tolist():
+            if to_remove == 0:
+                break
+            fam = fams[owner[j]]
+            if len(picked[fam.key]) < fam.n_units - 1:
+                picked[fam.key].append(int(unit[j]))
+                to_remove -= 1
+        removed.update({k: sorted(v) for k, v in picked.items()})
+    return removed
+
+
+def make_plan(model: nn.Module, families: list[Family], removed: dict[str, list[int]]) -> PruningPlan:
+    """Turn removed units into kept indices per ``(parameter, dim)``."""
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    plan = PruningPlan(removed_units={k: v for k, v in removed.items()})
+    for fam in families:
+        units = removed.get(fam.key, [])
+        if not units:
+            continue
+        for m in fam.members:
+            gone = set(m.indices[units].reshape(-1).tolist())
+            keep = [i for i in range(shapes[m.param][m.dim]) if i not in gone]
+            assert keep, f"{m.param} dim {m.dim} would lose every index"
+            plan.keep.setdefault(m.param, {})[m.dim] = keep
+    return plan
