@@ -26,21 +26,29 @@ def kept_count(n: int, ratio: float, round_to: int = 1, channels_per_unit: int =
 
 
 def choose(families: list[Family], scores: dict[str, torch.Tensor], ratio: float,
-           global_pruning: bool = False, round_to: int = 1) -> dict[str, list[int]]:
-    """``{family.key: removed unit indices}`` (lowest scores removed)."""
+           global_pruning: bool = False, round_to: int = 1,
+           original_units: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """``{family.key: removed unit indices}`` (lowest scores removed).
+
+    ``ratio`` is the fraction of ``original_units`` (default: the current counts) to be gone after this
+    call, so iterative pruning passes a growing ratio with the counts it started from.
+    """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"--pruning_ratio {ratio}: must be in [0, 1)")
+    original = original_units or {}
     removed: dict[str, list[int]] = {}
     if not global_pruning:
         for fam in families:
-            keep = kept_count(fam.n_units, ratio, round_to, fam.members[0].indices.shape[1])
+            n0 = original.get(fam.key, fam.n_units)
+            keep = min(fam.n_units, kept_count(n0, ratio, round_to, fam.members[0].indices.shape[1]))
             order = torch.argsort(scores[fam.key], stable=True)
             removed[fam.key] = sorted(order[: fam.n_units - keep].tolist())
         return removed
     for kind in sorted({f.kind for f in families}):
         fams = [f for f in families if f.kind == kind]
         total = sum(f.n_units for f in fams)
-        to_remove = total - max(len(fams), int(total * (1.0 - ratio) + 1e-9))
+        total0 = sum(original.get(f.key, f.n_units) for f in fams)
+        to_remove = max(0, total - max(len(fams), int(total0 * (1.0 - ratio) + 1e-9)))
         flat = torch.cat([scores[f.key] for f in fams])
         owner = torch.cat([torch.full((f.n_units,), i) for i, f in enumerate(fams)])
         unit = torch.cat([torch.arange(f.n_units) for f in fams])

@@ -1,0 +1,200 @@
+"""Prune a Hugging Face causal LM structurally (LLM-Pruner's "Discovery" and "Estimation" stages).
+
+    python hf_prune.py --pruning_ratio 0.25 --device cpu --eval_device cpu --block_wise \
+      --block_mlp_layer_start 1 --block_mlp_layer_end 4 --block_attention_layer_start 1 \
+      --block_attention_layer_end 4 --save_ckpt_log_name llama_prune --pruner_type taylor \
+      --taylor param_first --test_after_train --base_model ../shared/models/stories260K \
+      --calibration_data ../shared/data/tinystories/tinystories_val.txt --eval_data_dir ../shared/data
+
+Writes ``prune_log/<name>/``: command.txt, args.json, prune.log, plan.json, results.json and, with
+``--save_model``, the pruned model (safetensors) and tokenizer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter
+from LLMPruner.checkpoint import load_model, save_pruned
+from LLMPruner.data.calibration import calibration_examples
+from LLMPruner.estimate import GROUPINGS, PRUNER_TYPES, TAYLOR_MODES
+from LLMPruner.evaluate.ppl import evaluate_ppl
+from LLMPruner.prompts import REFERENCE_PROMPTS
+from LLMPruner.prune import check_layer_range, prune
+from LLMPruner.shrink import count_parameters
+
+logger = logging.getLogger("hf_prune")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--base_model", default="huggyllama/llama-7b", help="HF id or local folder (plain, pruned or Meta layout)")
+    a("--save_ckpt_log_name", default="llama_prune", help="name of the folder under --log_dir")
+    a("--log_dir", default="prune_log", help="where the run's folder is created")
+    a("--pruning_ratio", type=float, default=0.5, help="fraction of heads/channels removed in each pruned layer")
+    a("--pruner_type", default="l2", choices=PRUNER_TYPES, help="importance estimator")
+    a("--taylor", default="param_first", choices=TAYLOR_MODES, help="Taylor variant (with --pruner_type taylor)")
+    a("--grouping_strategy", default="sum", choices=GROUPINGS, help="how a group's members' scores combine")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--block_wise", action="store_true", help="prune heads and MLP channels in layer ranges")
+    mode.add_argument("--channel_wise", action="store_true", help="prune the hidden size, model-wide")
+    mode.add_argument("--layer_wise", action="store_true", help="keep only the first --layer decoder layers")
+    a("--layer", type=int, default=12, help="decoder layers kept by --layer_wise")
+    a("--block_attention_layer_start", type=int, default=3, help="first layer whose heads are pruned")
+    a("--block_attention_layer_end", type=int, default=None, help="end (exclusive); default: last layer")
+    a("--block_mlp_layer_start", type=int, default=3, help="first layer whose MLP channels are pruned")
+    a("--block_mlp_layer_end", type=int, default=None, help="end (exclusive); default: last layer")
+    a("--iterative_steps", type=int, default=1, help="prune in this many steps, re-estimating each time")
+    a("--global_pruning", action="store_true", help="rank units of each kind across all pruned layers")
+    a("--round_to", type=int, default=1, help="round kept MLP/hidden channels to a multiple of this")
+    a("--num_examples", type=int, default=10, help="calibration samples for Taylor importance")
+    a("--calibration_data", default="bookcorpus",
+      help="calibration text: 'bookcorpus' (Hub), another dataset name, or a local .txt/.jsonl/.json file")
+    a("--calibration_seq_len", type=int, default=64, help="tokens per calibration sample")
+    a("--device", default="cuda", help="device for pruning")
+    a("--eval_device", default="cuda", help="device for perplexity and generation")
+    a("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype while pruning")
+    a("--test_before_train", action="store_true", help="perplexity of the dense model first")
+    a("--test_after_train", action="store_true", help="sample generations and perplexity after pruning")
+    a("--ppl_datasets", default="wikitext2,ptb", help="comma-separated datasets (or text files) for perplexity")
+    a("--eval_data_dir", default=None,
+      help="local folder with wikitext2/wiki.test.raw and ptb/ptb.valid.txt (default: the Hub)")
+    a("--eval_batch_size", type=int, default=4, help="windows per perplexity batch")
+    a("--max_seq_len", type=int, default=128, help="perplexity window and generation length")
+    a("--temperature", type=float, default=1.0, help="sampling temperature for the sample generations")
+    a("--top_p", type=float, default=0.95, help="nucleus sampling for the sample generations")
+    a("--save_model", action="store_true", help="write the pruned model and tokenizer to the run's folder")
+    a("--seed", type=int, default=42, help="random seed")
+    args = p.parse_args(argv)
+    if not (args.block_wise or args.channel_wise or args.layer_wise):
+        args.block_wise = True  # the paper's main mode
+    if not 0.0 <= args.pruning_ratio < 1.0:
+        p.error(f"--pruning_ratio {args.pruning_ratio}: must be in [0, 1)")
+    if args.num_examples < 1:
+        p.error(f"--num_examples {args.num_examples}: must be >= 1")
+    if args.round_to < 1:
+        p.error(f"--round_to {args.round_to}: must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # 1. load the model (nothing is written before the inputs are known to be good)
+    set_seed(args.seed)
+    model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype])
+    get_adapter(model)
+    n_layers = model.config.num_hidden_layers
+    ranges = {}
+    if args.block_wise:
+        ranges = {
+            "attention_layers": check_layer_range("--block_attention_layer", args.block_attention_layer_start,
+                                                  args.block_attention_layer_end or n_layers - 1, n_layers),
+            "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
+                                            args.block_mlp_layer_end or n_layers - 1, n_layers)}
+    if args.layer_wise and not 1 <= args.layer <= n_layers:
+        raise ValueError(f"--layer {args.layer}: must be between 1 and {n_layers} (layers to keep)")
+    log_dir = start_log(args)
+    results: dict = {"base_model": args.base_model}
+
+    # 2. dense perplexity
+    if args.test_before_train:
+        results["ppl_before"] = run_ppl(model, tokenizer, args)
+
+    # 3. discover -> score -> select -> shrink
+    examples = None
+    if args.pruner_type == "taylor" and not args.layer_wise:
+        examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
+                                        args.calibration_seq_len, args.seed)
+    model.to(args.device)
+    before = count_parameters(model)
+    t0 = time.perf_counter()
+    mode = "layer_wise" if args.layer_wise else "channel_wise" if args.channel_wise else "block_wise"
+    result = prune(model, mode=mode, pruning_ratio=args.pruning_ratio, pruner_type=args.pruner_type,
+                   taylor=args.taylor, grouping_strategy=args.grouping_strategy, layer=args.layer,
+                   iterative_steps=args.iterative_steps, global_pruning=args.global_pruning,
+                   examples=examples, seed=args.seed, round_to=args.round_to, **ranges)
+    after = count_parameters(model)
+    results.update(params_before=before, params_after=after, ratio=after / before,
+                   prune_seconds=round(time.perf_counter() - t0, 2), structure=result.structure.to_dict())
+    logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", before, after, 100 * after / before)
+    logger.info("structure:\n%s", result.structure.describe())
+    (log_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in result.plans]))
+
+    # 4. sample generations and perplexity of the pruned model
+    if args.test_after_train:
+        model.to(args.eval_device)
+        results["generations"] = sample_generations(model, tokenizer, args)
+        results["ppl_after"] = run_ppl(model, tokenizer, args)
+    (log_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+    # 5. the pruned checkpoint
+    if args.save_model:
+        folder = save_pruned(model.to("cpu"), tokenizer, log_dir,
+                             provenance={"base_model": args.base_model, "args": vars(args),
+                                         "params_before": before, "params_after": after})
+        logger.info("saved the pruned model to %s", folder)
+    return 0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_log(args) -> Path:
+    log_dir = Path(args.log_dir) / args.save_ckpt_log_name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "command.txt").write_text(" ".join([sys.executable] + sys.argv) + "\n")
+    (log_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    handler = logging.FileHandler(log_dir / "prune.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logger.info("run folder %s; args %s", log_dir, json.dumps(vars(args)))
+    return log_dir
+
+
+def run_ppl(model, tokenizer, args) -> dict[str, float]:
+    model.to(args.eval_device)
+    names = [n for n in args.ppl_datasets.split(",") if n]
+    ppl = evaluate_ppl(model, tokenizer, names, seq_len=args.max_seq_len, batch_size=args.eval_batch_size,
+                       data_dir=args.eval_data_dir, device=args.eval_device)
+    logger.info("PPL: %s", {k: round(v, 4) for k, v in ppl.items()})
+    model.to(args.device)
+    return ppl
+
+
+@torch.no_grad()
+def sample_generations(model, tokenizer, args) -> list[dict[str, str]]:
+    model.eval()
+    out = []
+    for prompt in REFERENCE_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.eval_device)
+        gen = model.generate(ids, do_sample=True, top_k=50, max_length=max(args.max_seq_len, ids.shape[1] + 1),
+                             top_p=args.top_p, temperature=args.temperature,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        text = tokenizer.decode(gen[0], skip_special_tokens=True)
+        logger.info("%s\n%s", text, "=" * 40)
+        out.append({"prompt": prompt, "output": text})
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, UnsupportedArchitectureError, FloatingPointError, KeyError) as err:
+        logger.debug("failed", exc_info=True)
+        print(f"hf_prune.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
