@@ -19,9 +19,11 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | str 
     return model.to(device), tokenizer
 
 
-def save_pruned(model, tokenizer, folder: str | Path) -> Path:
+def save_pruned(model, tokenizer, folder: str | Path, provenance: dict | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` to ``folder`` as safetensors + config."""
     folder = Path(folder)
+    if provenance is not None:
+        model.config.llmpruner = {"provenance": provenance}
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
