@@ -28,8 +28,7 @@ class IdSpace:
         a, b = a.reshape(-1), b.reshape(-1)
         keep = (a >= 0) & (b >= 0) & (a != b)
         if keep.any():
-            pairs = torch.stack([a[keep], b[keep]], 1).unique(dim=0)
-            self._edges.append(pairs.numpy())
+            self._edges.append(torch.stack([a[keep], b[keep]], 1).numpy())
 
     def components(self) -> np.ndarray:
         """Component label of every id (labels are the smallest id of each component)."""
