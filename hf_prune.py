@@ -25,10 +25,12 @@ import torch
 from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter
 from LLMPruner.checkpoint import load_model, save_pruned
 from LLMPruner.data.calibration import calibration_examples
-from LLMPruner.estimate import GROUPINGS, PRUNER_TYPES, TAYLOR_MODES
+from LLMPruner.compensate import COMPENSATIONS
+from LLMPruner.depth import LAYER_IMPORTANCES
+from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
-from LLMPruner.prune import check_layer_range, prune
+from LLMPruner.prune import ALL_PRUNERS, check_layer_range, prune
 from LLMPruner.shrink import count_parameters
 
 logger = logging.getLogger("hf_prune")
@@ -43,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--save_ckpt_log_name", default="llama_prune", help="name of the folder under --log_dir")
     a("--log_dir", default="prune_log", help="where the run's folder is created")
     a("--pruning_ratio", type=float, default=0.5, help="fraction of heads/channels removed in each pruned layer")
-    a("--pruner_type", default="l2", choices=PRUNER_TYPES, help="importance estimator")
+    a("--pruner_type", default="l2", choices=ALL_PRUNERS,
+      help="importance estimator (fluctuation: FLAP, wanda: |W|*||x||; both forward-only)")
     a("--taylor", default="param_first", choices=TAYLOR_MODES, help="Taylor variant (with --pruner_type taylor)")
     a("--grouping_strategy", default="sum", choices=GROUPINGS, help="how a group's members' scores combine")
     mode = p.add_mutually_exclusive_group()
@@ -58,7 +61,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--iterative_steps", type=int, default=1, help="prune in this many steps, re-estimating each time")
     a("--global_pruning", action="store_true", help="rank units of each kind across all pruned layers")
     a("--round_to", type=int, default=1, help="round kept MLP/hidden channels to a multiple of this")
-    a("--num_examples", type=int, default=10, help="calibration samples for Taylor importance")
+    b = p.add_argument_group("beyond LLM-Pruner (retraining-free quality, depth)")
+    b.add_argument("--param_budget", type=float, default=None,
+                   help="remove this fraction of the non-embedding parameters, ranking standardised scores "
+                        "of heads and MLP channels globally (replaces --pruning_ratio; layer ranges apply "
+                        "only if given)")
+    b.add_argument("--compensation", default="none", choices=COMPENSATIONS,
+                   help="correct o_proj/down_proj for removed inputs: refit (least squares, stock "
+                        "architecture, recommended) or bias (FLAP; adds bias tensors)")
+    b.add_argument("--ridge", type=float, default=1e-3, help="ridge of the refit, relative to the mean Gram diagonal")
+    b.add_argument("--prune_layers", type=int, default=0, help="remove this many whole decoder layers first")
+    b.add_argument("--layer_importance", default="block_influence", choices=LAYER_IMPORTANCES,
+                   help="how --prune_layers chooses layers")
+    b.add_argument("--calibration_batch_size", type=int, default=8, help="samples per forward for statistics")
+    a("--num_examples", type=int, default=10, help="calibration samples (Taylor, statistics, depth)")
     a("--calibration_data", default="bookcorpus",
       help="calibration text: 'bookcorpus' (Hub), another dataset name, or a local .txt/.jsonl/.json file")
     a("--calibration_seq_len", type=int, default=64, help="tokens per calibration sample")
@@ -83,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pruning_ratio {args.pruning_ratio}: must be in [0, 1)")
     if args.num_examples < 1:
         p.error(f"--num_examples {args.num_examples}: must be >= 1")
+    if args.param_budget is not None and not 0.0 <= args.param_budget < 1.0:
+        p.error(f"--param_budget {args.param_budget}: must be in [0, 1)")
     if args.round_to < 1:
         p.error(f"--round_to {args.round_to}: must be >= 1")
     return args
@@ -96,7 +114,8 @@ def main(argv=None) -> int:
     get_adapter(model)
     n_layers = model.config.num_hidden_layers
     ranges = {}
-    if args.block_wise:
+    explicit = any(v is not None for v in (args.block_attention_layer_end, args.block_mlp_layer_end))
+    if args.block_wise and (args.param_budget is None or explicit):
         ranges = {
             "attention_layers": check_layer_range("--block_attention_layer", args.block_attention_layer_start,
                                                   args.block_attention_layer_end or n_layers - 1, n_layers),
@@ -113,7 +132,9 @@ def main(argv=None) -> int:
 
     # 3. discover -> score -> select -> shrink
     examples = None
-    if args.pruner_type == "taylor" and not args.layer_wise:
+    needs_data = args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none" \
+        or args.prune_layers > 0
+    if needs_data and not args.layer_wise:
         examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
                                         args.calibration_seq_len, args.seed)
     model.to(args.device)
@@ -123,7 +144,10 @@ def main(argv=None) -> int:
     result = prune(model, mode=mode, pruning_ratio=args.pruning_ratio, pruner_type=args.pruner_type,
                    taylor=args.taylor, grouping_strategy=args.grouping_strategy, layer=args.layer,
                    iterative_steps=args.iterative_steps, global_pruning=args.global_pruning,
-                   examples=examples, seed=args.seed, round_to=args.round_to, **ranges)
+                   examples=examples, seed=args.seed, round_to=args.round_to, param_budget=args.param_budget,
+                   compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
+                   layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
+                   **ranges)
     after = count_parameters(model)
     results.update(params_before=before, params_after=after, ratio=after / before,
                    prune_seconds=round(time.perf_counter() - t0, 2), structure=result.structure.to_dict())

@@ -145,7 +145,9 @@ def unit_scores(families: list[Family], channel: dict[Slot, torch.Tensor] | None
         if channel is None:
             out[fam.key] = torch.rand(fam.n_units, generator=gen)
             continue
-        per_member = torch.stack([channel[(m.param, m.dim)].cpu()[m.indices].sum(1) for m in fam.members])
+        scored = [m for m in fam.members if (m.param, m.dim) in channel]
+        assert scored, f"no member of {fam.key} has channel scores"
+        per_member = torch.stack([channel[(m.param, m.dim)].cpu()[m.indices].sum(1) for m in scored])
         out[fam.key] = _combine(per_member, grouping)
     return out
 

@@ -1,10 +1,14 @@
-"""The pruning pipeline as one library call: discover -> score -> select -> shrink, repeated per step.
+"""The pruning pipeline as one library call: discover -> score -> select -> (compensate) -> shrink.
 
 Modes (the reference's):
 * ``block_wise``: attention heads (whole KV groups under GQA) in ``attention_layers`` and MLP channels in
   ``mlp_layers`` (half-open ranges), each layer losing the same fraction by default;
 * ``channel_wise``: the hidden size, model-wide;
 * ``layer_wise``: keep the first ``layer`` decoder layers.
+
+Beyond the paper: activation-aware scores (``fluctuation``, ``wanda``), a global parameter budget
+(``param_budget``: standardised scores ranked across layers and kinds), output compensation
+(``bias``/``refit``) and depth pruning by importance (``prune_layers``), combinable with width pruning.
 """
 from __future__ import annotations
 
@@ -15,8 +19,12 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from .activations import activation_channel_scores, collect_input_stats, consumers
 from .adapters import get_adapter
-from .estimate import Grouping, PrunerType, TaylorMode, estimate
+from .budget import choose_by_budget, non_embedding_parameters
+from .compensate import Compensation, add_biases, compensate
+from .depth import LayerImportance, choose_layers
+from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
 from .graph import discover
 from .plan import PruningPlan
 from .select import choose, make_plan
@@ -26,6 +34,8 @@ from .structure import ModelStructure
 logger = logging.getLogger(__name__)
 
 Mode = Literal["block_wise", "channel_wise", "layer_wise"]
+ACTIVATION_PRUNERS = ("fluctuation", "wanda")
+ALL_PRUNERS = PRUNER_TYPES + ACTIVATION_PRUNERS
 
 
 @dataclass
@@ -42,50 +52,92 @@ def check_layer_range(flag: str, start: int, end: int, num_layers: int) -> range
 
 
 def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float = 0.5,
-          pruner_type: PrunerType = "l2", taylor: TaylorMode = "param_first",
-          grouping_strategy: Grouping = "sum", attention_layers: range | None = None,
-          mlp_layers: range | None = None, layer: int | None = None, iterative_steps: int = 1,
-          global_pruning: bool = False, examples: torch.Tensor | None = None, seed: int = 0,
-          round_to: int = 1) -> PruneResult:
+          pruner_type: str = "l2", taylor: TaylorMode = "param_first", grouping_strategy: Grouping = "sum",
+          attention_layers: range | None = None, mlp_layers: range | None = None, layer: int | None = None,
+          iterative_steps: int = 1, global_pruning: bool = False, examples: torch.Tensor | None = None,
+          seed: int = 0, round_to: int = 1, param_budget: float | None = None,
+          compensation: Compensation = "none", prune_layers: int = 0,
+          layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
+          ridge: float = 1e-3) -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``)."""
-    if not 0.0 <= pruning_ratio < 1.0:
-        raise ValueError(f"--pruning_ratio {pruning_ratio}: must be in [0, 1)")
-    if iterative_steps < 1:
-        raise ValueError(f"--iterative_steps {iterative_steps}: must be >= 1")
+    _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     result = PruneResult()
+    start_params = non_embedding_parameters(model)
     if mode == "layer_wise":
         if layer is None or not 1 <= layer <= n_layers:
             raise ValueError(f"--layer {layer}: must be between 1 and {n_layers} (layers to keep)")
-        plan = PruningPlan(keep_layers=list(range(layer)))
-        result.plans.append(plan)
-        result.structure = apply_plan(model, plan)
+        _apply(model, PruningPlan(keep_layers=list(range(layer))), result)
         return result
     if mode not in ("block_wise", "channel_wise"):
         raise ValueError(f"mode {mode!r}: choose block_wise, channel_wise or layer_wise")
-
+    if prune_layers:
+        _apply(model, choose_layers(model, prune_layers, examples, layer_importance), result)
+    width = pruning_ratio if param_budget is None else param_budget
     original: dict[str, int] | None = None
     for step in range(1, iterative_steps + 1):
-        targets = _targets(discover(model).families, mode, attention_layers, mlp_layers)
-        if original is None:
-            original = {f.key: f.n_units for f in targets}
-        ratio = pruning_ratio * step / iterative_steps
-        scores = estimate(model, targets, pruner_type=pruner_type, taylor=taylor,
-                          grouping=grouping_strategy, examples=examples, seed=seed + step)
-        removed = choose(targets, scores, ratio, global_pruning, round_to, original)
+        targets = _targets(discover(model).families, mode, attention_layers, mlp_layers, param_budget)
+        if not targets or width == 0:
+            break
+        original = original or {f.key: f.n_units for f in targets}
+        ratio = width * step / iterative_steps
+        stats = _stats(model, targets, examples, pruner_type, compensation, calibration_batch_size)
+        scores = _scores(model, targets, pruner_type, taylor, grouping_strategy, examples, seed + step, stats)
+        if param_budget is not None:
+            budget = int(ratio * start_params) - (start_params - non_embedding_parameters(model))
+            removed = choose_by_budget(model, targets, scores, max(0, budget), round_to)
+        else:
+            removed = choose(targets, scores, ratio, global_pruning, round_to, original)
         plan = make_plan(model, targets, removed)
         logger.info("step %d/%d (ratio %.3f):\n%s", step, iterative_steps, ratio, plan.describe())
-        result.plans.append(plan)
-        result.structure = apply_plan(model, plan)
+        deltas = compensate(model, plan, stats or {}, compensation, ridge)
+        _apply(model, plan, result)
+        if deltas:
+            add_biases(model, deltas)
     if result.structure is None:
         result.structure = adapter.read_structure(model)
     return result
 
 
-def _targets(families, mode: Mode, attention_layers: range | None, mlp_layers: range | None):
+def _check(ratio, steps, pruner_type, param_budget, examples, compensation) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--pruning_ratio {ratio}: must be in [0, 1)")
+    if param_budget is not None and not 0.0 <= param_budget < 1.0:
+        raise ValueError(f"--param_budget {param_budget}: must be in [0, 1)")
+    if steps < 1:
+        raise ValueError(f"--iterative_steps {steps}: must be >= 1")
+    if pruner_type not in ALL_PRUNERS:
+        raise ValueError(f"--pruner_type {pruner_type!r}: choose one of {', '.join(ALL_PRUNERS)}")
+    needs_data = pruner_type in ACTIVATION_PRUNERS + ("taylor",) or compensation not in ("none", None)
+    if needs_data and examples is None:
+        raise ValueError(f"--pruner_type {pruner_type} / --compensation {compensation} need calibration examples")
+
+
+def _apply(model: nn.Module, plan: PruningPlan, result: PruneResult) -> None:
+    result.plans.append(plan)
+    result.structure = apply_plan(model, plan)
+
+
+def _stats(model, targets, examples, pruner_type, compensation, batch_size):
+    if pruner_type not in ACTIVATION_PRUNERS and compensation in ("none", None):
+        return None
+    return collect_input_stats(model, consumers(model, targets), examples, batch_size,
+                               gram=compensation == "refit")
+
+
+def _scores(model, targets, pruner_type, taylor, grouping, examples, seed, stats):
+    if pruner_type in ACTIVATION_PRUNERS:
+        return unit_scores(targets, activation_channel_scores(model, targets, stats, pruner_type), grouping)
+    return estimate(model, targets, pruner_type=pruner_type, taylor=taylor, grouping=grouping,
+                    examples=examples, seed=seed)
+
+
+def _targets(families, mode: Mode, attention_layers, mlp_layers, param_budget):
     if mode == "channel_wise":
         return [f for f in families if f.kind == "hidden"]
+    if param_budget is not None and attention_layers is None and mlp_layers is None:
+        return [f for f in families if f.kind in ("attention", "mlp")]  # the budget spans every layer
     attention_layers = attention_layers if attention_layers is not None else range(0)
     mlp_layers = mlp_layers if mlp_layers is not None else range(0)
     return [f for f in families

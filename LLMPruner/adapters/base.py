@@ -38,6 +38,10 @@ class Adapter:
         """Replace a decoder layer's projections by empty ones of the given shape (for loading)."""
         raise NotImplementedError
 
+    def enable_biases(self, model: nn.Module, kind: GroupKind) -> None:
+        """Give every projection of ``kind`` a (zero) bias and set the config flag that makes them load."""
+        raise NotImplementedError(f"{type(self).__name__} cannot add biases")
+
     def kind_of(self, param_name: str) -> GroupKind | None:
         parts = param_name.split(".")
         for part in reversed(parts):

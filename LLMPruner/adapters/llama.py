@@ -17,6 +17,20 @@ class LlamaAdapter(Adapter):
                     "o_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+    bias_flags = {"attention": "attention_bias", "mlp": "mlp_bias"}
+
+    def enable_biases(self, model: nn.Module, kind) -> None:
+        flag = self.bias_flags[kind]
+        if not hasattr(model.config, flag):
+            raise ValueError(f"--compensation bias: model_type {model.config.model_type!r} has no {flag} "
+                             f"config flag, so added biases would not load; use --compensation refit")
+        setattr(model.config, flag, True)
+        for layer in self.decoder_layers(model):
+            for name, module in layer.named_modules():
+                if self.kind_of(name) == kind and isinstance(module, nn.Linear) and module.bias is None:
+                    w = module.weight
+                    module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
 
