@@ -178,3 +178,11 @@ def test_legacy_pickle_needs_opt_in_and_converts(tmp_path):
 def test_bad_round_to():
     with pytest.raises(ValueError, match="round_to=0"):
         save_pruned(tiny_model(), None, "/nonexistent/never-written", round_to=0)
+
+
+def test_round_to_is_recorded_and_checked(tmp_path, caplog):
+    model = block_wise(tiny_model())  # MLP widths 24, 48, 16
+    folder = save_pruned(model, None, tmp_path / "ckpt", round_to=16)
+    assert json.loads((folder / "pruning.json").read_text())["round_to"] == 16
+    assert "layer 0 keeps 24 MLP channels: not a multiple of round_to=16" in caplog.text
+    assert "layer 1" not in caplog.text and "layer 2" not in caplog.text

@@ -40,8 +40,8 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
     """Write ``model`` and ``tokenizer`` to ``folder`` atomically; returns the folder.
 
     ``provenance`` (base model, flags, parameter counts, ...) is stored in ``pruning.json`` as given.
-    ``round_to`` is only recorded and checked (a warning when kept heads/channels are not multiples
-    of it): rounding itself happens when the pruning plan is selected.
+    ``round_to`` is only recorded and checked (a warning for MLP widths that are not multiples of it):
+    rounding itself happens when the pruning plan is selected (``LLMPruner.select``).
     """
     folder = Path(folder)
     adapter = get_adapter(model)
@@ -126,10 +126,9 @@ def _check_rounding(structure, round_to: int) -> None:
     if round_to < 1:
         raise ValueError(f"round_to={round_to}: must be a positive integer (e.g. 8 or 64)")
     for i, s in enumerate(structure.layers):
-        q_channels = s.num_attention_heads * structure.head_dim
-        if q_channels % round_to or s.intermediate_size % round_to:
-            logger.warning("layer %d keeps %d attention and %d MLP channels: not multiples of round_to=%d",
-                           i, q_channels, s.intermediate_size, round_to)
+        if s.intermediate_size % round_to:
+            logger.warning("layer %d keeps %d MLP channels: not a multiple of round_to=%d",
+                           i, s.intermediate_size, round_to)
 
 
 def _jsonable(value):
