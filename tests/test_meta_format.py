@@ -9,7 +9,7 @@ import torch
 
 from conftest import SHARED, STORIES, need_shared, tiny_model
 from LLMPruner.checkpoint import CheckpointError, load_model, save_pruned
-from LLMPruner.checkpoint.meta import LAYER_KEYS, convert_meta, load_meta, unpermute
+from LLMPruner.checkpoint.meta import LAYER_KEYS, convert_meta, load_meta, save_meta, unpermute
 
 torch.set_num_threads(1)
 
@@ -100,3 +100,18 @@ def test_meta_dtype(tmp_path):
     meta = need_shared("models", "stories260K-meta")
     model, _ = load_meta(meta, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_export_to_meta_and_back(tmp_path):
+    from test_checkpoint_roundtrip import block_wise, channel_wise, layer_wise
+    model = layer_wise(tiny_model())
+    folder = save_meta(model, tmp_path / "meta")
+    assert json.loads((folder / "params.json").read_text())["n_layers"] == 2
+    back, _ = load_meta(folder)
+    ids = torch.tensor([[1, 5, 9, 3, 17, 30]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(CheckpointError, match="different shapes"):
+        save_meta(block_wise(tiny_model()), tmp_path / "het")
+    with pytest.raises(CheckpointError, match="hidden 24, 4 x 8"):
+        save_meta(channel_wise(tiny_model()), tmp_path / "narrow")

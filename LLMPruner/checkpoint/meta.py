@@ -1,5 +1,7 @@
 """Meta's original LLaMA checkpoint layout (``consolidated.NN.pth``, ``params.json``, ``tokenizer.model``).
 
+``load_meta`` converts such a folder on load; ``save_meta`` exports a uniform model back (secondary).
+
 Converted at the edge into a stock Hugging Face ``LlamaForCausalLM``: model-parallel shards are
 concatenated along the dimension each weight was split on, and the rows of ``wq``/``wk`` are permuted
 from Meta's interleaved rotary layout (pairs ``(0,1),(2,3),...``) to Hugging Face's half-split one.
@@ -88,6 +90,44 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face rotary rows -> Meta's interleaved ones (the inverse of ``unpermute``)."""
+    rows, cols = w.shape  # [n_heads * head_dim, in]
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def save_meta(model, folder: str | Path) -> Path:
+    """Write a uniform LLaMA model as one ``consolidated.00.pth`` + ``params.json`` (no tokenizer: copy
+    the base model's ``tokenizer.model`` beside it). Heterogeneous layers have no Meta equivalent."""
+    config = model.config
+    if getattr(config, "layer_shapes", None):
+        raise CheckpointError("save_meta: layers of different shapes cannot be written in Meta's layout "
+                              "(params.json has one n_heads/n_kv_heads/MLP width for all layers)")
+    if config.model_type != "llama" or config.head_dim * config.num_attention_heads != config.hidden_size:
+        raise CheckpointError(f"save_meta: needs a llama model with hidden_size == heads * head_dim; got "
+                              f"model_type={config.model_type!r}, hidden {config.hidden_size}, "
+                              f"{config.num_attention_heads} x {config.head_dim}")
+    hf = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+           "output.weight": hf.get("lm_head.weight", hf["model.embed_tokens.weight"])}
+    for i in range(config.num_hidden_layers):
+        for meta_key, (hf_key, _) in LAYER_KEYS.items():
+            out[f"layers.{i}.{meta_key}"] = hf[f"model.layers.{i}.{hf_key}"]
+        out[f"layers.{i}.attention.wq.weight"] = permute(out[f"layers.{i}.attention.wq.weight"],
+                                                          config.num_attention_heads)
+        out[f"layers.{i}.attention.wk.weight"] = permute(out[f"layers.{i}.attention.wk.weight"],
+                                                          config.num_key_value_heads)
+    params = {"dim": config.hidden_size, "n_heads": config.num_attention_heads,
+              "n_kv_heads": config.num_key_value_heads, "n_layers": config.num_hidden_layers,
+              "norm_eps": config.rms_norm_eps, "vocab_size": config.vocab_size,
+              "rope_theta": (config.rope_parameters or {}).get("rope_theta", 10000.0)}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.clone() for k, v in out.items()}, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    return folder
+
+
 def _concat(shards: list[dict], key: str, dim: int) -> torch.Tensor:
     missing = [i for i, s in enumerate(shards) if key not in s]
     if missing:
@@ -115,4 +155,4 @@ def _meta_tokenizer(folder: Path):
     return tokenizer
 
 
-__all__ = ["convert_meta", "is_meta_folder", "load_meta", "unpermute"]
+__all__ = ["convert_meta", "is_meta_folder", "load_meta", "permute", "save_meta", "unpermute"]
