@@ -214,3 +214,20 @@ def test_unpruned_stories_is_a_plain_checkpoint(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor([[1, 403, 407, 261, 378]])
     torch.testing.assert_close(logits(stock, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_lora_on_a_loaded_pruned_model_merges_and_saves(tmp_path):
+    """post_training's path: LoRA on a loaded heterogeneous model, merge, save, load."""
+    from peft import LoraConfig, get_peft_model
+    pruned, _ = load_pruned(save_pruned(block_wise(tiny_model()), None, tmp_path / "a"),
+                            attn_implementation="eager")
+    lora = get_peft_model(pruned, LoraConfig(r=4, target_modules=list(get_adapter(pruned).lora_target_modules)))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    merged = lora.merge_and_unload()
+    folder = save_pruned(merged, None, tmp_path / "b", provenance={"lora": True})
+    loaded, _ = load_pruned(folder, attn_implementation="eager")
+    torch.testing.assert_close(logits(loaded, IDS), logits(merged, IDS), rtol=0, atol=0)
+    assert not any("lora" in k for k in loaded.state_dict())

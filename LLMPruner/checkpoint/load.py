@@ -70,6 +70,9 @@ def load_pruned(folder: str | Path, device_map: str | dict | None = None,
     if verify_checksums and record:
         _verify_checksums(folder, record)
     heterogeneous = bool(getattr(config, "layer_shapes", None))
+    if heterogeneous and config.model_type not in PRUNED_CLASSES:
+        raise CheckpointError(f"{folder}: per-layer shapes for model_type={config.model_type!r} are not "
+                              f"supported; supported: {', '.join(sorted(PRUNED_CLASSES))}")
     cls = PRUNED_CLASSES[config.model_type] if heterogeneous else AutoModelForCausalLM
     _check_tensors(folder, _expected_shapes(cls, config))
     model, info = cls.from_pretrained(folder, config=config, device_map=device_map,

@@ -49,6 +49,9 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
     if round_to is not None:
         _check_rounding(structure, round_to)
     model_type = model.config.model_type
+    if not structure.is_uniform() and model_type not in modeling_pruned.PRUNED_CLASSES:
+        raise ValueError(f"model_type={model_type!r}: heterogeneous layers can only be saved for "
+                         f"{', '.join(sorted(modeling_pruned.PRUNED_CLASSES))}")
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -80,10 +83,10 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
 
 def _set_loading_route(config: dict, model_type: str, heterogeneous: bool, tmp: Path) -> None:
     """Stock class for uniform models; the copied modeling file + ``auto_map`` for heterogeneous ones."""
-    pruned_cls = modeling_pruned.PRUNED_CLASSES[model_type]
-    stock_name = pruned_cls.__mro__[1].__name__
     config.pop("auto_map", None)
-    config["architectures"] = [stock_name]
+    pruned_cls = modeling_pruned.PRUNED_CLASSES.get(model_type)
+    if pruned_cls is not None:
+        config["architectures"] = [pruned_cls.__mro__[1].__name__]  # the stock class
     if heterogeneous:
         config["architectures"] = [pruned_cls.__name__]
         config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{pruned_cls.__name__}"}
