@@ -112,7 +112,7 @@ def _interrupt(*args, **kwargs):
 
 def test_interrupted_save_leaves_nothing_loadable(tmp_path, monkeypatch):
     model = block_wise(tiny_model())
-    monkeypatch.setattr(save_module, "_sha256", _interrupt)  # after the weights are written
+    monkeypatch.setattr(save_module, "sha256_file", _interrupt)  # after the weights are written
     with pytest.raises(Interrupt):
         save_pruned(model, None, tmp_path / "ckpt")
     assert list((tmp_path / "ckpt").iterdir()) == []  # no temporary folder left either
@@ -123,7 +123,7 @@ def test_interrupted_save_leaves_nothing_loadable(tmp_path, monkeypatch):
 def test_interrupted_save_keeps_the_previous_checkpoint(saved, monkeypatch):
     model, folder = saved
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    monkeypatch.setattr(save_module, "_sha256", _interrupt)
+    monkeypatch.setattr(save_module, "sha256_file", _interrupt)
     with pytest.raises(Interrupt):
         save_pruned(tiny_model(seed=1), None, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

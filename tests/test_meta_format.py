@@ -24,8 +24,8 @@ def to_meta_shards(model, n_shards: int) -> tuple[list[dict], dict]:
     """Write a Hugging Face Llama the way Meta's model-parallel checkpoints store it."""
     c = model.config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1), "norm.weight": (sd["model.norm.weight"], None),
-            "output.weight": (sd["lm_head.weight"], 0)}
+    full = {"tok_embeddings.weight": (sd["model.embed_tokens.weight"], 1),
+            "norm.weight": (sd["model.norm.weight"], None), "output.weight": (sd["lm_head.weight"], 0)}
     for i in range(c.num_hidden_layers):
         for meta_key, (hf_key, split) in LAYER_KEYS.items():
             w = sd[f"model.layers.{i}.{hf_key}"]

@@ -26,7 +26,8 @@ def is_legacy_pickle(path: Path) -> bool:
     """A reference checkpoint file, or a folder holding one without a ``config.json``."""
     if path.is_file():
         return path.suffix in (".bin", ".pt", ".pth")
-    return path.is_dir() and not (path / "config.json").exists() and any((path / n).is_file() for n in PICKLE_NAMES)
+    return (path.is_dir() and not (path / "config.json").exists()
+            and any((path / n).is_file() for n in PICKLE_NAMES))
 
 
 def load_legacy_pickle(path: str | Path, allow_pickle: bool = False, dtype: torch.dtype | str = "auto"):

@@ -19,7 +19,7 @@ from .build import CheckpointError
 from .legacy import is_legacy_pickle, load_legacy_pickle
 from .meta import is_meta_folder, load_meta
 from .modeling_pruned import PRUNED_CLASSES
-from .save import PRUNING_FILE, _sha256
+from .save import PRUNING_FILE, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _verify_checksums(folder: Path, record: dict) -> None:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: weight file listed in {PRUNING_FILE} is missing")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: SHA-256 differs from the one recorded at save time: the file is "
                                   "truncated, corrupted or was modified (pass verify_checksums=False to skip)")
 

@@ -57,25 +57,25 @@ def convert_meta(shards: list[dict[str, torch.Tensor]], params: dict):
     dim, n_heads, n_layers = params["dim"], params["n_heads"], params["n_layers"]
     n_kv = params.get("n_kv_heads") or n_heads
     head_dim = dim // n_heads
-    embed = _concat(shards, "tok_embeddings.weight", 1 if shards[0]["tok_embeddings.weight"].shape[1] != dim
-                    else 0)
-    out = {"model.embed_tokens.weight": embed, "model.norm.weight": shards[0]["norm.weight"],
+    embed_split = 1 if shards[0].get("tok_embeddings.weight", torch.empty(0, dim)).shape[1] != dim else 0
+    embed = _concat(shards, "tok_embeddings.weight", embed_split)  # LLaMA 1/2 split columns, 3 rows
+    out = {"model.embed_tokens.weight": embed, "model.norm.weight": _concat(shards, "norm.weight", None),
            "lm_head.weight": _concat(shards, "output.weight", 0)}
     for i in range(n_layers):
-        for meta_key, (hf_key, split) in LAYER_KEYS.items():
-            key = f"layers.{i}.{meta_key}"
-            out[f"model.layers.{i}.{hf_key}"] = shards[0][key] if split is None else _concat(shards, key, split)
-        out[f"model.layers.{i}.self_attn.q_proj.weight"] = unpermute(out[f"model.layers.{i}.self_attn.q_proj.weight"],
-                                                                  n_heads)
-        out[f"model.layers.{i}.self_attn.k_proj.weight"] = unpermute(out[f"model.layers.{i}.self_attn.k_proj.weight"],
-                                                                  n_kv)
+        layer = {hf_key: _concat(shards, f"layers.{i}.{meta_key}", split)
+                 for meta_key, (hf_key, split) in LAYER_KEYS.items()}
+        layer["self_attn.q_proj.weight"] = unpermute(layer["self_attn.q_proj.weight"], n_heads)
+        layer["self_attn.k_proj.weight"] = unpermute(layer["self_attn.k_proj.weight"], n_kv)
+        assert layer["self_attn.q_proj.weight"].shape == (n_heads * head_dim, dim), (i, params)
+        assert layer["self_attn.k_proj.weight"].shape == (n_kv * head_dim, dim), (i, params)
+        out.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
     vocab = embed.shape[0]
     assert embed.shape == (vocab, dim), (embed.shape, vocab, dim)
     tied = torch.equal(out["lm_head.weight"], embed)
     if tied:
         del out["lm_head.weight"]
-    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                         num_key_value_heads=n_kv, head_dim=head_dim,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=dim, num_hidden_layers=n_layers,
+                         num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
                          intermediate_size=out["model.layers.0.mlp.gate_proj.weight"].shape[0],
                          rms_norm_eps=params.get("norm_eps", 1e-5), tie_word_embeddings=tied,
                          max_position_embeddings=params.get("max_seq_len", 2048), bos_token_id=1, eos_token_id=2,
@@ -128,11 +128,12 @@ def save_meta(model, folder: str | Path) -> Path:
     return folder
 
 
-def _concat(shards: list[dict], key: str, dim: int) -> torch.Tensor:
+def _concat(shards: list[dict], key: str, dim: int | None) -> torch.Tensor:
+    """``key`` joined across model-parallel shards along ``dim`` (``None``: replicated, take shard 0)."""
     missing = [i for i, s in enumerate(shards) if key not in s]
     if missing:
         raise CheckpointError(f"Meta checkpoint: tensor {key!r} missing from shard(s) {missing}")
-    if len(shards) == 1:
+    if len(shards) == 1 or dim is None:
         return shards[0][key]
     return torch.cat([s[key] for s in shards], dim=dim)
 

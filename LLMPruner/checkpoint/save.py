@@ -70,7 +70,7 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
                                                                                   time.gmtime()),
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "round_to": round_to, "structure": structure.to_dict(),
-                  "sha256": {name: _sha256(tmp / name) for name in weights},
+                  "sha256": {name: sha256_file(tmp / name) for name in weights},
                   "provenance": _jsonable(provenance or {})}
         (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _commit(tmp, folder)
@@ -117,7 +117,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
