@@ -1,29 +1,17 @@
-"""Loading models and saving pruned checkpoints (safetensors, never pickles)."""
+"""Loading models and saving pruned checkpoints (safetensors, never pickles).
+
+- ``save_pruned(model, tokenizer, folder, provenance=...)``: an atomic, self-describing folder.
+- ``load_pruned(folder, device_map=..., torch_dtype=...)``: strict loading, heterogeneous layers included.
+- ``load_model(name_or_path, device=..., dtype=...)``: anything ``--base_model`` accepts.
+See docs/checkpoints.md.
+"""
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from .build import CheckpointError
+from .legacy import load_legacy_pickle
+from .load import load_model, load_pruned
+from .meta import convert_meta, load_meta
+from .save import save_pruned
 
-import torch
-
-logger = logging.getLogger(__name__)
-
-
-def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype | str = "auto"):
-    """``(model, tokenizer)`` from a Hugging Face id or a local folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not Path(name_or_path).exists() and (name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1):
-        raise FileNotFoundError(f"--base_model {name_or_path!r}: no such folder")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return model.to(device), tokenizer
-
-
-def save_pruned(model, tokenizer, folder: str | Path, provenance: dict | None = None) -> Path:
-    """Write ``model`` and ``tokenizer`` to ``folder`` as safetensors + config."""
-    folder = Path(folder)
-    if provenance is not None:
-        model.config.llmpruner = {"provenance": provenance}
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+__all__ = ["CheckpointError", "convert_meta", "load_legacy_pickle", "load_meta", "load_model", "load_pruned",
+           "save_pruned"]

@@ -1,0 +1,151 @@
+"""Load any model LLMPruner accepts: a Hugging Face id or folder, a pruned folder, Meta's layout, or
+(only when explicitly allowed) the reference's pickled ``pytorch_model.bin``.
+
+``load_pruned`` is the strict, ``from_pretrained``-style loader for folders written by ``save_pruned``:
+heterogeneous layers are rebuilt from ``config.layer_shapes`` on the meta device, every weight file is
+checked against its recorded SHA-256 and every tensor against the shape the config implies, and any
+missing, unexpected or mis-shaped tensor is an error that names it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..adapters import get_adapter
+from .build import CheckpointError
+from .legacy import is_legacy_pickle, load_legacy_pickle
+from .meta import is_meta_folder, load_meta
+from .modeling_pruned import PRUNED_CLASSES
+from .save import PRUNING_FILE, sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto", *,
+               allow_pickle: bool = False):
+    """``(model, tokenizer)`` from a Hugging Face id, a (pruned) Hugging Face folder, a folder in
+    Meta's layout, or, with ``allow_pickle=True`` only, a reference LLM-Pruner pickle."""
+    path = Path(name_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer = load_pruned(path, torch_dtype=dtype)
+    elif path.is_dir() and is_meta_folder(path):
+        model, tokenizer = load_meta(path, dtype=dtype)
+    elif is_legacy_pickle(path):
+        model, tokenizer = load_legacy_pickle(path, allow_pickle=allow_pickle, dtype=dtype)
+    elif path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder; expected config.json (Hugging Face or "
+                              "LLMPruner), params.json + consolidated.*.pth (Meta), or pytorch_model.bin "
+                              f"(reference pickle); found {sorted(p.name for p in path.iterdir())[:10]}")
+    elif path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: no such checkpoint folder")
+    else:  # a Hugging Face Hub id
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    return model.to(device).eval(), tokenizer
+
+
+def load_pruned(folder: str | Path, device_map: str | dict | None = None,
+                torch_dtype: torch.dtype | str | None = None, *, verify_checksums: bool = True,
+                **from_pretrained_kwargs):
+    """``(model, tokenizer)`` from a folder written by ``save_pruned`` (or any Hugging Face folder).
+
+    ``device_map`` and ``torch_dtype`` mean what they mean in ``from_pretrained`` (``"auto"`` works);
+    the unpruned model is never allocated. Other keyword arguments (e.g. ``attn_implementation``) go
+    to ``from_pretrained``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pruned checkpoint {str(folder)!r}: no such folder")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json, so not a complete checkpoint (an interrupted "
+                              "save leaves exactly this)")
+    config = AutoConfig.from_pretrained(folder)
+    get_adapter(config)  # an unsupported architecture fails here, listing the supported ones
+    record = _read_record(folder)
+    if verify_checksums and record:
+        _verify_checksums(folder, record)
+    heterogeneous = bool(getattr(config, "layer_shapes", None))
+    if heterogeneous and config.model_type not in PRUNED_CLASSES:
+        raise CheckpointError(f"{folder}: per-layer shapes for model_type={config.model_type!r} are not "
+                              f"supported; supported: {', '.join(sorted(PRUNED_CLASSES))}")
+    cls = PRUNED_CLASSES[config.model_type] if heterogeneous else AutoModelForCausalLM
+    _check_tensors(folder, _expected_shapes(cls, config))
+    model, info = cls.from_pretrained(folder, config=config, device_map=device_map,
+                                      dtype=torch_dtype if torch_dtype is not None else "auto",
+                                      output_loading_info=True, **from_pretrained_kwargs)
+    problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
+    if problems:
+        raise CheckpointError(f"{folder}: weights do not match the config: {problems}")
+    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    logger.info("loaded %s from %s (%s)", type(model).__name__, folder,
+                "heterogeneous layers" if heterogeneous else "uniform layers")
+    return model.eval(), tokenizer
+
+
+def _read_record(folder: Path) -> dict | None:
+    path = folder / PRUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def _verify_checksums(folder: Path, record: dict) -> None:
+    for name, digest in record.get("sha256", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: weight file listed in {PRUNING_FILE} is missing")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path}: SHA-256 differs from the one recorded at save time: the file is "
+                                  "truncated, corrupted or was modified (pass verify_checksums=False to skip)")
+
+
+def _expected_shapes(cls, config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the config implies (built on the meta device: no memory)."""
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        from .build import tied_keys
+        for name in tied_keys(model):
+            shapes.pop(name, None)
+    return shapes
+
+
+def _check_tensors(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Compare the safetensors headers with ``expected``; every disagreement is named."""
+    from safetensors import SafetensorError, safe_open
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        return  # e.g. a plain Hugging Face folder with .bin weights: transformers checks those
+    found: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    found[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err}); truncated or corrupted?") \
+                from err
+    mismatched = [f"{k}: saved {found[k]}, config implies {expected[k]}"
+                  for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if mismatched or missing or unexpected:
+        raise CheckpointError(f"{folder}: the weights disagree with config.json: mis-shaped {mismatched[:5]}, "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+
+
+__all__ = ["load_model", "load_pruned"]

@@ -1,0 +1,143 @@
+"""Save a (pruned) model as a folder any transformers user can load: safetensors, config, tokenizer.
+
+Uniform models (every layer the same shape) are plain checkpoints of the original architecture.
+Heterogeneous ones also get ``modeling_pruned.py`` and an ``auto_map`` so that
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` rebuilds them.
+``pruning.json`` records the structure, provenance and a SHA-256 of every weight file.
+
+Saving is atomic: everything is written into a hidden temporary folder, then moved in with
+``config.json`` last (and the previous ``config.json`` removed first), so an interrupted save leaves
+either the previous checkpoint or a folder without ``config.json``, which nothing loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..adapters import get_adapter
+from . import modeling_pruned
+
+logger = logging.getLogger(__name__)
+
+PRUNING_FILE = "pruning.json"
+MODELING_FILE = "modeling_pruned.py"
+FORMAT_VERSION = 1
+TMP_PREFIX = ".llmpruner-save-"
+
+
+def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dict | None = None, *,
+                max_shard_size: str | int = "5GB", round_to: int | None = None) -> Path:
+    """Write ``model`` and ``tokenizer`` to ``folder`` atomically; returns the folder.
+
+    ``provenance`` (base model, flags, parameter counts, ...) is stored in ``pruning.json`` as given.
+    ``round_to`` is only recorded and checked (a warning for MLP widths that are not multiples of it):
+    rounding itself happens when the pruning plan is selected (``LLMPruner.select``).
+    """
+    folder = Path(folder)
+    adapter = get_adapter(model)
+    structure = adapter.update_config(model)  # the config always describes the weights being written
+    if round_to is not None:
+        _check_rounding(structure, round_to)
+    model_type = model.config.model_type
+    if not structure.is_uniform() and model_type not in modeling_pruned.PRUNED_CLASSES:
+        raise ValueError(f"model_type={model_type!r}: heterogeneous layers can only be saved for "
+                         f"{', '.join(sorted(modeling_pruned.PRUNED_CLASSES))}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        _set_loading_route(config, model_type, heterogeneous=not structure.is_uniform(), tmp=tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        weights = sorted(p.name for p in tmp.glob("model*.safetensors"))
+        record = {"format": "llmpruner-checkpoint", "format_version": FORMAT_VERSION,
+                  "llmpruner_version": __version__, "transformers_version": _transformers_version(),
+                  "torch_version": torch.__version__, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                  time.gmtime()),
+                  "parameters": sum(p.numel() for p in model.parameters()),
+                  "round_to": round_to, "structure": structure.to_dict(),
+                  "sha256": {name: sha256_file(tmp / name) for name in weights},
+                  "provenance": _jsonable(provenance or {})}
+        (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _commit(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved %s checkpoint to %s (%d layers, %s)", model_type, folder, structure.num_hidden_layers,
+                "uniform" if structure.is_uniform() else "heterogeneous, loads with trust_remote_code=True")
+    return folder
+
+
+def _set_loading_route(config: dict, model_type: str, heterogeneous: bool, tmp: Path) -> None:
+    """Stock class for uniform models; the copied modeling file + ``auto_map`` for heterogeneous ones."""
+    config.pop("auto_map", None)
+    pruned_cls = modeling_pruned.PRUNED_CLASSES.get(model_type)
+    if pruned_cls is not None:
+        config["architectures"] = [pruned_cls.__mro__[1].__name__]  # the stock class
+    if heterogeneous:
+        config["architectures"] = [pruned_cls.__name__]
+        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{pruned_cls.__name__}"}
+        shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
+
+
+def _commit(tmp: Path, folder: Path) -> None:
+    """Move the finished files from ``tmp`` into ``folder``, ``config.json`` last."""
+    (folder / "config.json").unlink(missing_ok=True)  # from here on the old checkpoint is gone
+    new = {p.name for p in tmp.iterdir()}
+    for old in list(folder.glob("model*.safetensors*")) + [folder / MODELING_FILE]:
+        if old.name not in new:
+            old.unlink(missing_ok=True)  # shards of a previous save that this one does not have
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+        _fsync(path)
+        os.chmod(path, 0o666 & ~umask)  # some writers create 0600 temporary files
+        os.replace(path, folder / path.name)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_rounding(structure, round_to: int) -> None:
+    if round_to < 1:
+        raise ValueError(f"round_to={round_to}: must be a positive integer (e.g. 8 or 64)")
+    for i, s in enumerate(structure.layers):
+        if s.intermediate_size % round_to:
+            logger.warning("layer %d keeps %d MLP channels: not a multiple of round_to=%d",
+                           i, s.intermediate_size, round_to)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
