@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter
-from LLMPruner.checkpoint import load_model, save_pruned
+from LLMPruner.checkpoint import CheckpointError, load_model, save_pruned
 from LLMPruner.data.calibration import calibration_examples
 from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
@@ -90,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_seq_len", type=int, default=128, help="perplexity window and generation length")
     a("--temperature", type=float, default=1.0, help="sampling temperature for the sample generations")
     a("--top_p", type=float, default=0.95, help="nucleus sampling for the sample generations")
+    a("--allow_pickle", action="store_true",
+      help="let --base_model be a reference LLM-Pruner pickle (pytorch_model.bin): this RUNS PICKLED CODE; "
+           "only for files you trust (the model is converted to safetensors on --save_model)")
     a("--save_model", action="store_true", help="write the pruned model and tokenizer to the run's folder")
     a("--seed", type=int, default=42, help="random seed")
     args = p.parse_args(argv)
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # 1. load the model (nothing is written before the inputs are known to be good)
     set_seed(args.seed)
-    model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype])
+    model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
+                                  allow_pickle=args.allow_pickle)
     get_adapter(model)
     n_layers = model.config.num_hidden_layers
     ranges = {}
@@ -166,7 +170,8 @@ def main(argv=None) -> int:
     if args.save_model:
         folder = save_pruned(model.to("cpu"), tokenizer, log_dir,
                              provenance={"base_model": args.base_model, "args": vars(args),
-                                         "params_before": before, "params_after": after})
+                                         "params_before": before, "params_after": after},
+                             round_to=args.round_to if args.round_to > 1 else None)
         logger.info("saved the pruned model to %s", folder)
     return 0
 
@@ -218,7 +223,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, UnsupportedArchitectureError, FloatingPointError, KeyError) as err:
+    except (ValueError, FileNotFoundError, UnsupportedArchitectureError, FloatingPointError, KeyError,
+            CheckpointError) as err:
         logger.debug("failed", exc_info=True)
         print(f"hf_prune.py: error: {err}", file=sys.stderr)
         sys.exit(2)

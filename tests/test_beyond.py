@@ -185,3 +185,20 @@ def test_bad_depth_arguments():
         choose_layers(tiny_model(), 1, EX, "x")
     with pytest.raises(ValueError, match="--param_budget 1.5"):
         prune(tiny_model(), param_budget=1.5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(pruner_type="fluctuation", param_budget=0.3, compensation="refit", prune_layers=1),
+    dict(pruner_type="wanda", pruning_ratio=0.25, attention_layers=range(1, 2), mlp_layers=range(1, 3),
+         compensation="bias"),
+])
+def test_everything_saves_and_reloads(tmp_path, kwargs):
+    from LLMPruner.checkpoint import load_pruned, save_pruned
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, examples=EX, **kwargs)
+    save_pruned(model, tok, tmp_path / "ckpt")
+    loaded, _ = load_pruned(tmp_path / "ckpt")
+    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-6, rtol=0)
