@@ -36,13 +36,14 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> ModelStructure:
         new = nn.Parameter(data.contiguous(), requires_grad=p.requires_grad)
         for module, attr in owners[id(p)]:
             setattr(module, attr, new)
-    _sync_module_sizes(model)
+    sync_module_sizes(model)
     if plan.keep_layers is not None:
         adapter.keep_decoder_layers(model, plan.keep_layers)
     return adapter.update_config(model)
 
 
-def _sync_module_sizes(model: nn.Module) -> None:
+def sync_module_sizes(model: nn.Module) -> None:
+    """Make generic modules' size attributes agree with their weights (Linear, Embedding, LayerNorm)."""
     for m in model.modules():
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape

@@ -60,6 +60,8 @@ def test_gqa_ratio_kept_and_config_consistent():
         attn = model.model.layers[i].self_attn
         assert attn.q_proj.out_features == attn.q_proj.weight.shape[0] == s.num_attention_heads * 4
         assert attn.num_key_value_groups == 4
+        mlp = model.model.layers[i].mlp
+        assert mlp.intermediate_size == mlp.gate_proj.out_features == s.intermediate_size
     assert [s.num_key_value_heads for s in result.structure.layers] == [2, 1, 1]
     assert model.config.layer_shapes[1] == {"num_attention_heads": 4, "num_key_value_heads": 1,
                                             "intermediate_size": 24}

@@ -74,6 +74,8 @@ class LlamaAdapter(Adapter):
         for layer, s in zip(self.decoder_layers(model), layers):
             assert s.num_attention_heads % s.num_key_value_heads == 0, s
             layer.self_attn.num_key_value_groups = s.num_attention_heads // s.num_key_value_heads
+            layer.mlp.intermediate_size = s.intermediate_size
+            layer.mlp.hidden_size = structure.hidden_size
         return structure
 
     def resize_layer(self, layer: nn.Module, shape: LayerShape, hidden_size: int, head_dim: int) -> None:

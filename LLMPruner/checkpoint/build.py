@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters import get_adapter
+from ..shrink import sync_module_sizes
 
 
 class CheckpointError(ValueError):
@@ -40,19 +41,11 @@ def model_from_state_dict(config, state_dict: dict[str, torch.Tensor]) -> nn.Mod
     model.load_state_dict(state_dict, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _sync_module_sizes(model)
+    sync_module_sizes(model)
     get_adapter(model).update_config(model)
     leftover = [name for name, p in model.named_parameters() if p.is_meta]
     assert not leftover, f"parameters never loaded: {leftover[:8]}"
     return model.eval()
-
-
-def _sync_module_sizes(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, nn.Embedding):
-            m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
 def tied_keys(model: nn.Module) -> list[str]:
