@@ -62,6 +62,7 @@ class Discovery:
 def discover(model: nn.Module, example_ids: torch.Tensor | None = None) -> Discovery:
     """Trace ``model`` once and return its prunable families and whole-layer groups."""
     adapter = get_adapter(model)
+    adapter.prepare(model)
     if example_ids is None:
         device = next(model.parameters()).device
         example_ids = torch.tensor([[1, 2]], device=device) % model.config.vocab_size
@@ -70,6 +71,9 @@ def discover(model: nn.Module, example_ids: torch.Tensor | None = None) -> Disco
     blocked = set(np.unique(labels[tracer.output_ids.reshape(-1).numpy()]).tolist())
     for name in tracer.indexed:
         blocked.update(np.unique(labels[tracer.param_ids[name][0].numpy()]).tolist())
+    for ids in tracer.shared:  # e.g. a per-head-dim norm weight shared by all heads
+        ids = ids[ids >= 0]
+        blocked.update(np.unique(labels[ids.numpy()]).tolist())
 
     layer_of, layer_params = _layer_index(model, adapter)
     order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
