@@ -236,3 +236,19 @@ def test_bloom_layer_alibi_matches_the_stock_model_with_left_padding():
         get_adapter(model).prepare(model)  # per-layer slopes + the pre-hook that rebuilds ALiBi from them
         assert [len(s) for s in [b.self_attention.alibi_slopes for b in model.transformer.h]] == [4, 4, 4]
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, stock, atol=0, rtol=0)
+
+
+def test_opt_word_embedding_projection_is_not_the_hidden_size():
+    """OPT-350m embeds in 16 dims and projects in/out of a 32-dim residual stream: only the stream is
+    "hidden"; the embedding space is found but left alone (kind "unknown")."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("opt", vocab_size=64, **{**ARCHS["opt"].config, "word_embed_proj_dim": 16,
+                                                            "do_layer_norm_before": False})
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    found = discover(model)
+    assert [f.n_units for f in found.find("hidden")] == [32]
+    assert [f.n_units for f in found.find("unknown")] == [16]
+    structure = prune(model, mode="channel_wise", pruning_ratio=0.25, pruner_type="l2").structure
+    assert structure.hidden_size == 24 and model.config.word_embed_proj_dim == 16
+    assert_generates(model)

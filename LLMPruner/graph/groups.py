@@ -113,8 +113,10 @@ def _family(signature, labs, slots, slot_labels, tracer, adapter, layer_of) -> F
     names = {m.param for m in members}
     layers = {layer_of.get(n) for n in names}
     layer = layers.pop() if len(layers) == 1 else None
-    if names & tracer.indexed:
-        kind = "hidden"
+    if names & tracer.indexed and any(n in layer_of for n in names):
+        kind = "hidden"  # the residual stream: from the embeddings through every decoder layer
+    elif names & tracer.indexed:
+        kind = "unknown"  # an embedding space outside the layers (OPT-350m's word_embed_proj_dim)
     else:
         kinds = {adapter.kind_of(n) for n in names} - {None}
         kind = kinds.pop() if len(kinds) == 1 else "unknown"
