@@ -40,6 +40,9 @@ class Arch:
 ARCHS = {
     "llama": Arch(LLAMA_LIKE, LLAMA_ATTN, LLAMA_MLP),
     "mistral": Arch(LLAMA_LIKE, LLAMA_ATTN, LLAMA_MLP),
+    # LLaMA names with scalar multipliers on embeddings, residuals, attention and logits
+    "granite": Arch({**LLAMA_LIKE, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                     "attention_multiplier": 0.3, "logits_scaling": 4.0}, LLAMA_ATTN, LLAMA_MLP),
     "qwen2": Arch(LLAMA_LIKE, {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8}, LLAMA_MLP),
     # q_norm/k_norm [head_dim] are shared by all heads: in no group
     "qwen3": Arch(LLAMA_LIKE, LLAMA_ATTN, LLAMA_MLP),

@@ -1,5 +1,6 @@
 """LLaMA-style decoders: LLaMA 1/2/3, Vicuna, TinyLlama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms
-per head_dim, shared by all heads: tracing leaves them out of every group), and GLM (fused gate_up_proj).
+per head_dim, shared by all heads: tracing leaves them out of every group), Granite (scalar multipliers,
+constants of the config that pruning leaves alone) and GLM (fused gate_up_proj).
 
 All share ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` (GLM:
 ``mlp.gate_up_proj``). Per-layer sizes are read from the weights: heads from ``o_proj``'s input, KV heads
@@ -16,7 +17,7 @@ Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_i
 
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "granite")
     module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
                     "o_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
