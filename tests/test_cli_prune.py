@@ -73,4 +73,6 @@ def test_unsupported_architecture(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(folder)
     proc = run(["--base_model", str(folder), "--device", "cpu"], tmp_path)
     assert proc.returncode == 2
-    assert "model_type='gpt2' has no LLMPruner adapter; supported: llama, mistral, qwen2" in proc.stderr
+    from LLMPruner.adapters import supported_model_types
+    assert ("model_type='gpt2' has no LLMPruner adapter; supported: " + ", ".join(supported_model_types())
+            in proc.stderr)

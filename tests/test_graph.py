@@ -86,5 +86,6 @@ def test_real_gqa_model(stories_path):
 def test_unsupported_architecture_lists_supported():
     from transformers import GPT2Config, GPT2LMHeadModel
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*supported: llama, mistral, qwen2"):
+    from LLMPruner.adapters import supported_model_types
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*supported: " + ", ".join(supported_model_types())):
         get_adapter(model)

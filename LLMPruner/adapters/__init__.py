@@ -7,7 +7,11 @@ write back after shrinking.
 from __future__ import annotations
 
 from .base import Adapter
-from .llama import LlamaAdapter
+from .bloom import BloomAdapter
+from .gemma import GemmaAdapter
+from .llama import GlmAdapter, LlamaAdapter
+from .opt import OptAdapter
+from .phi3 import Phi3Adapter
 
 _ADAPTERS: dict[str, Adapter] = {}
 
@@ -17,7 +21,8 @@ def register(adapter: Adapter) -> None:
         _ADAPTERS[model_type] = adapter
 
 
-register(LlamaAdapter())
+for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), Phi3Adapter(), OptAdapter(), BloomAdapter()):
+    register(_adapter)
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -22,6 +22,11 @@ class Adapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
+    def prepare(self, model: nn.Module) -> None:
+        """Install what the stock model lacks (e.g. BLOOM's per-head ALiBi slopes as parameters, so that
+        tracing couples them with their heads). Idempotent; called by ``discover`` and after loading a
+        pruned checkpoint (the state it restores is kept in ``model.config``)."""
+
     def keep_decoder_layers(self, model: nn.Module, keep: list[int]) -> None:
         """Keep only the decoder layers at indices ``keep`` (in order), renumbering caches and config."""
         raise NotImplementedError

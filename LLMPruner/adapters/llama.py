@@ -1,6 +1,10 @@
-"""LLaMA-style decoders: LLaMA 1/2/3, Vicuna, TinyLlama, Mistral, Qwen2 (q/k/v biases).
+"""LLaMA-style decoders: LLaMA 1/2/3, Vicuna, TinyLlama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms
+per head_dim, shared by all heads: tracing leaves them out of every group), Granite (scalar multipliers,
+constants of the config that pruning leaves alone) and GLM (fused gate_up_proj).
 
-All share ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``.
+All share ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` (GLM:
+``mlp.gate_up_proj``). Per-layer sizes are read from the weights: heads from ``o_proj``'s input, KV heads
+from ``k_proj``'s output, MLP channels from ``down_proj``'s input.
 """
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ import torch.nn as nn
 from ..structure import LayerShape, ModelStructure
 from .base import Adapter
 
+Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_in, fan_out)
+
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "granite")
     module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
                     "o_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,16 +50,22 @@ class LlamaAdapter(Adapter):
             config.layer_types = [config.layer_types[i] for i in keep]
         config.num_hidden_layers = len(keep)
 
-    def read_structure(self, model: nn.Module) -> ModelStructure:
+    def head_dim(self, model: nn.Module) -> int:
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def kv_heads(self, layer: nn.Module, heads: int, head_dim: int) -> int:
+        return layer.self_attn.k_proj.weight.shape[0] // head_dim
+
+    def read_structure(self, model: nn.Module) -> ModelStructure:
+        head_dim = self.head_dim(model)
         hidden = model.get_input_embeddings().weight.shape[1]
         shapes = []
         for layer in self.decoder_layers(model):
-            attn, mlp = layer.self_attn, layer.mlp
-            shapes.append(LayerShape(num_attention_heads=attn.q_proj.weight.shape[0] // head_dim,
-                                     num_key_value_heads=attn.k_proj.weight.shape[0] // head_dim,
-                                     intermediate_size=mlp.gate_proj.weight.shape[0]))
+            heads = layer.self_attn.o_proj.weight.shape[1] // head_dim
+            shapes.append(LayerShape(num_attention_heads=heads,
+                                     num_key_value_heads=self.kv_heads(layer, heads, head_dim),
+                                     intermediate_size=layer.mlp.down_proj.weight.shape[1]))
         return ModelStructure(hidden_size=hidden, head_dim=head_dim, layers=shapes)
 
     def update_config(self, model: nn.Module) -> ModelStructure:
@@ -72,23 +84,46 @@ class LlamaAdapter(Adapter):
         else:
             config.layer_shapes = [vars(s).copy() for s in layers]
         for layer, s in zip(self.decoder_layers(model), layers):
-            assert s.num_attention_heads % s.num_key_value_heads == 0, s
-            layer.self_attn.num_key_value_groups = s.num_attention_heads // s.num_key_value_heads
-            layer.mlp.intermediate_size = s.intermediate_size
-            layer.mlp.hidden_size = structure.hidden_size
+            self.update_layer(layer, s, config)
         return structure
 
-    def resize_layer(self, layer: nn.Module, shape: LayerShape, hidden_size: int, head_dim: int) -> None:
+    def update_layer(self, layer: nn.Module, shape: LayerShape, config) -> None:
+        """Module attributes that the forward reads instead of inferring from the weights."""
+        assert shape.num_attention_heads % shape.num_key_value_heads == 0, shape
+        layer.self_attn.num_key_value_groups = shape.num_attention_heads // shape.num_key_value_heads
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = shape.intermediate_size
+
+    def projections(self, layer: nn.Module, shape: LayerShape, hidden: int, head_dim: int) -> list[Projection]:
         attn, mlp = layer.self_attn, layer.mlp
         q, kv = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
         inter = shape.intermediate_size
-        for parent, name, fan_in, fan_out in ((attn, "q_proj", hidden_size, q), (attn, "k_proj", hidden_size, kv),
-                                              (attn, "v_proj", hidden_size, kv), (attn, "o_proj", q, hidden_size),
-                                              (mlp, "gate_proj", hidden_size, inter),
-                                              (mlp, "up_proj", hidden_size, inter),
-                                              (mlp, "down_proj", inter, hidden_size)):
+        return [(attn, "q_proj", hidden, q), (attn, "k_proj", hidden, kv), (attn, "v_proj", hidden, kv),
+                (attn, "o_proj", q, hidden), (mlp, "gate_proj", hidden, inter), (mlp, "up_proj", hidden, inter),
+                (mlp, "down_proj", inter, hidden)]
+
+    def resize_layer(self, layer: nn.Module, shape: LayerShape, hidden_size: int, head_dim: int) -> None:
+        for parent, name, fan_in, fan_out in self.projections(layer, shape, hidden_size, head_dim):
             old = getattr(parent, name)
             new = nn.Linear(fan_in, fan_out, bias=old.bias is not None,
                             device=old.weight.device, dtype=old.weight.dtype)
             setattr(parent, name, new)
-        attn.num_key_value_groups = shape.num_attention_heads // shape.num_key_value_heads
+        self.update_layer(layer, shape, getattr(layer.self_attn, "config", None))
+
+
+class GlmAdapter(LlamaAdapter):
+    """GLM (``GlmForCausalLM``, ChatGLM's successor in transformers): LLaMA-like with a fused
+    ``gate_up_proj`` (rows ``[gate; up]``, split by ``chunk(2)``: tracing pairs row i with row i + I)."""
+
+    model_types = ("glm",)
+    module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
+                    "o_proj": "attention", "gate_up_proj": "mlp", "down_proj": "mlp"}
+    lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+
+    def projections(self, layer: nn.Module, shape: LayerShape, hidden: int, head_dim: int) -> list[Projection]:
+        attn, mlp = layer.self_attn, layer.mlp
+        q, kv = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
+        inter = shape.intermediate_size
+        return [(attn, "q_proj", hidden, q), (attn, "k_proj", hidden, kv), (attn, "v_proj", hidden, kv),
+                (attn, "o_proj", q, hidden), (mlp, "gate_up_proj", hidden, 2 * inter),
+                (mlp, "down_proj", inter, hidden)]

@@ -62,6 +62,7 @@ class Discovery:
 def discover(model: nn.Module, example_ids: torch.Tensor | None = None) -> Discovery:
     """Trace ``model`` once and return its prunable families and whole-layer groups."""
     adapter = get_adapter(model)
+    adapter.prepare(model)
     if example_ids is None:
         device = next(model.parameters()).device
         example_ids = torch.tensor([[1, 2]], device=device) % model.config.vocab_size
@@ -70,6 +71,9 @@ def discover(model: nn.Module, example_ids: torch.Tensor | None = None) -> Disco
     blocked = set(np.unique(labels[tracer.output_ids.reshape(-1).numpy()]).tolist())
     for name in tracer.indexed:
         blocked.update(np.unique(labels[tracer.param_ids[name][0].numpy()]).tolist())
+    for ids in tracer.shared:  # e.g. a per-head-dim norm weight shared by all heads
+        ids = ids[ids >= 0]
+        blocked.update(np.unique(labels[ids.numpy()]).tolist())
 
     layer_of, layer_params = _layer_index(model, adapter)
     order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
@@ -109,8 +113,10 @@ def _family(signature, labs, slots, slot_labels, tracer, adapter, layer_of) -> F
     names = {m.param for m in members}
     layers = {layer_of.get(n) for n in names}
     layer = layers.pop() if len(layers) == 1 else None
-    if names & tracer.indexed:
-        kind = "hidden"
+    if names & tracer.indexed and any(n in layer_of for n in names):
+        kind = "hidden"  # the residual stream: from the embeddings through every decoder layer
+    elif names & tracer.indexed:
+        kind = "unknown"  # an embedding space outside the layers (OPT-350m's word_embed_proj_dim)
     else:
         kinds = {adapter.kind_of(n) for n in names} - {None}
         kind = kinds.pop() if len(kinds) == 1 else "unknown"

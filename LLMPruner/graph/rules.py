@@ -33,6 +33,8 @@ ELEMENTWISE = {"add", "sub", "mul", "div", "__add__", "__radd__", "__iadd__", "_
                "mul_", "div_", "sub_", "where", "addcmul", "lerp", "maximum", "minimum", "true_divide",
                "multiply", "subtract", "divide", "fmod", "remainder", "copysign"}
 REDUCE = {"mean", "sum", "var", "std", "amax", "amin", "norm", "logsumexp", "prod"}
+#: queries of metadata (shapes), not values: nothing flows
+METADATA = {"size", "dim", "numel", "stride", "__len__", "is_floating_point", "is_contiguous", "data_ptr"}
 MATMUL = {"matmul", "bmm", "__matmul__", "__rmatmul__", "einsum_unsupported"}
 
 
@@ -53,14 +55,43 @@ def move(func, args, kwargs, shadow_of):
     return func(*swap(list(args)), **{k: swap(v) for k, v in kwargs.items()})
 
 
-def elementwise(space: IdSpace, shadows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """Join ids position by position across the inputs; the output carries the first known id."""
-    shadows = [torch.broadcast_to(s, shape) for s in shadows]
-    out = shadows[0].clone()
-    for s in shadows[1:]:
-        space.link(out, s)
-        out = torch.where(out >= 0, out, s)
+def elementwise(space: IdSpace, shadows: list[torch.Tensor], shape: torch.Size,
+                shared: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Join ids position by position across the inputs; the output carries the first known id.
+
+    An input *broadcast across distinct channels* is shared by them and joins none: Qwen3's q_norm weight
+    ``[head_dim]`` times ``q`` ``[B, T, heads, head_dim]`` is used by every head, so removing a head must
+    not remove it (joining it would also fuse all heads into one unit). Such inputs go to ``shared``.
+    A norm weight ``[C]`` times ``x`` ``[B, T, C]`` is broadcast only over B and T, where x's ids do not
+    vary, so it joins channel by channel as usual.
+    """
+    full = [torch.broadcast_to(s, shape) for s in shadows]
+    own = [i for i, s in enumerate(shadows)
+           if not any(_varies(full[j], _broadcast_dims(s, shape)) for j in range(len(full)) if j != i)]
+    if shared is not None:
+        shared.extend(shadows[i] for i in range(len(shadows)) if i not in own)
+    if not own:
+        return torch.full(shape, NO_ID, dtype=torch.long)
+    out = full[own[0]].clone()
+    for i in own[1:]:
+        space.link(out, full[i])
+        out = torch.where(out >= 0, out, full[i])
     return out
+
+
+def _broadcast_dims(s: torch.Tensor, shape: torch.Size) -> tuple[int, ...]:
+    """Output dims along which ``s`` is repeated by broadcasting (missing, or size 1 against size > 1)."""
+    lead = len(shape) - s.ndim
+    return tuple(d for d in range(len(shape)) if shape[d] > 1 and (d < lead or s.shape[d - lead] == 1))
+
+
+def _varies(full: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """Whether ``full`` holds two different channel ids along ``dims`` somewhere (NO_ID ignored)."""
+    if not dims or full.numel() == 0:
+        return False
+    hi = full.amax(dim=dims)
+    lo = torch.where(full >= 0, full, torch.full_like(full, torch.iinfo(torch.long).max)).amin(dim=dims)
+    return bool(((hi >= 0) & (lo != hi) & (lo != torch.iinfo(torch.long).max)).any())
 
 
 def reduce(shadow: torch.Tensor, dims, keepdim: bool) -> torch.Tensor:
@@ -89,6 +120,19 @@ def collapse_matmul(space: IdSpace, a: torch.Tensor, b: torch.Tensor, out_shape:
     space.link(fresh[:, None].expand(a.shape), a)
     space.link(fresh[:, None].expand(b.shape), b)
     return fresh.reshape(batch + (1, 1)).expand(out_shape).clone()
+
+
+def layer_norm(space: IdSpace, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               shared: list[torch.Tensor]) -> torch.Tensor:
+    """``F.layer_norm``: the statistics have no channel identity; x, weight and bias join per channel."""
+    return elementwise(space, [s for s in (x, weight, bias) if s is not None], x.shape, shared)
+
+
+def baddbmm(space: IdSpace, inp: torch.Tensor | None, b1: torch.Tensor, b2: torch.Tensor,
+            out_shape: torch.Size, shared: list[torch.Tensor]) -> torch.Tensor:
+    """``beta * inp + alpha * (b1 @ b2)``: a matmul of two activations plus an elementwise term (ALiBi)."""
+    prod = collapse_matmul(space, b1, b2, out_shape)
+    return prod if inp is None else elementwise(space, [inp, prod], out_shape, shared)
 
 
 def attention(space: IdSpace, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -34,6 +34,8 @@ class Tracer(TorchFunctionMode):
         self.indexed: set[str] = set()
         self._shadows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.unknown: dict[str, int] = {}
+        #: ids of inputs broadcast across distinct channels (shared by them, never prunable)
+        self.shared: list[torch.Tensor] = []
 
     # -- shadows ---------------------------------------------------------------------------
     def ids_of(self, p: torch.Tensor) -> list[torch.Tensor] | None:
@@ -72,7 +74,7 @@ class Tracer(TorchFunctionMode):
 
     def _propagate(self, func, args, kwargs, out) -> None:
         name = getattr(func, "__name__", str(func))
-        if not isinstance(out, (torch.Tensor, list, tuple)) or name == "__get__":
+        if not isinstance(out, (torch.Tensor, list, tuple)) or name == "__get__" or name in rules.METADATA:
             return
         if name == "linear":
             x, w = args[0], args[1]
@@ -88,6 +90,18 @@ class Tracer(TorchFunctionMode):
         elif name == "scaled_dot_product_attention":
             q, k, v = (self._shadow_or_none(t) for t in args[:3])
             self._set(out, rules.attention(self.space, q, k, v, out.shape))
+        elif name == "layer_norm":
+            w = args[2] if len(args) > 2 else kwargs.get("weight")
+            b = args[3] if len(args) > 3 else kwargs.get("bias")
+            x, w, b = (self.shadow_of(t) if isinstance(t, torch.Tensor) else None for t in (args[0], w, b))
+            self._set(out, rules.layer_norm(self.space, self._shadow_or_none(args[0]) if x is None else x,
+                                            w, b, self.shared))
+        elif name == "baddbmm":
+            b1 = args[1] if len(args) > 1 else kwargs["batch1"]
+            b2 = args[2] if len(args) > 2 else kwargs["batch2"]
+            inp = self.shadow_of(args[0])
+            self._set(out, rules.baddbmm(self.space, inp, self._shadow_or_none(b1), self._shadow_or_none(b2),
+                                         out.shape, self.shared))
         elif name in rules.MATMUL:
             self._set(out, rules.collapse_matmul(self.space, self._shadow_or_none(args[0]),
                                                  self._shadow_or_none(args[1]), out.shape))
@@ -109,7 +123,7 @@ class Tracer(TorchFunctionMode):
         shadows = [self.shadow_of(a) for a in _flat(args) if isinstance(a, torch.Tensor)]
         shadows = [s for s in shadows if s is not None]
         if isinstance(out, torch.Tensor) and shadows:
-            self._set(out, rules.elementwise(self.space, shadows, out.shape))
+            self._set(out, rules.elementwise(self.space, shadows, out.shape, self.shared))
 
     def _shadow_or_none(self, t) -> torch.Tensor:
         s = self.shadow_of(t) if isinstance(t, torch.Tensor) else None

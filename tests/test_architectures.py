@@ -1,0 +1,257 @@
+"""Every supported architecture, one shared test body: tiny random models built in code from configs.
+
+For each: discovery finds the expected coupling, removing zeroed groups keeps the logits, every pruning
+mode leaves a model that generates (with and without the KV cache, the same tokens), the pruned model
+reloads identically, and it takes LoRA. To add an architecture, add one entry to ``ARCHS``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
+from LLMPruner.graph import discover
+from LLMPruner.prune import prune
+from LLMPruner.select import make_plan
+from LLMPruner.shrink import apply_plan
+from LLMPruner.structure import ModelStructure
+
+IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41]])
+LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+LLAMA_ATTN = {"q_proj.weight": 16, "k_proj.weight": 8, "v_proj.weight": 8, "o_proj.weight": 16}
+LLAMA_MLP = {"gate_proj.weight": 1, "up_proj.weight": 1, "down_proj.weight": 1}
+
+
+@dataclass
+class Arch:
+    config: dict
+    attention: dict[str, int]  # member "module.param" -> indices per unit, in one attention unit
+    mlp: dict[str, int]
+    n_attention: int = 2       # units per layer: KV heads (GQA) or heads (MHA)
+    n_mlp: int = 48
+    #: a uniform pruning a stock ``from_pretrained`` can rebuild (see docs/adding_an_architecture.md)
+    reload: dict = field(default_factory=lambda: dict(mode="channel_wise", pruning_ratio=0.25))
+
+
+ARCHS = {
+    "llama": Arch(LLAMA_LIKE, LLAMA_ATTN, LLAMA_MLP),
+    "mistral": Arch(LLAMA_LIKE, LLAMA_ATTN, LLAMA_MLP),
+    # LLaMA names with scalar multipliers on embeddings, residuals, attention and logits
+    "granite": Arch({**LLAMA_LIKE, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                     "attention_multiplier": 0.3, "logits_scaling": 4.0}, LLAMA_ATTN, LLAMA_MLP),
+    "qwen2": Arch(LLAMA_LIKE, {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8}, LLAMA_MLP),
+    # q_norm/k_norm [head_dim] are shared by all heads: in no group
+    "qwen3": Arch(LLAMA_LIKE, LLAMA_ATTN, LLAMA_MLP),
+    # head_dim 12 != hidden 32 / 4 heads
+    "gemma": Arch({**LLAMA_LIKE, "head_dim": 12},
+                  {"q_proj.weight": 24, "k_proj.weight": 12, "v_proj.weight": 12, "o_proj.weight": 24}, LLAMA_MLP),
+    "gemma2": Arch({**LLAMA_LIKE, "head_dim": 12, "sliding_window": 4, "query_pre_attn_scalar": 12},
+                   {"q_proj.weight": 24, "k_proj.weight": 12, "v_proj.weight": 12, "o_proj.weight": 24}, LLAMA_MLP),
+    # fused: per KV group, 16 q rows + 8 k rows + 8 v rows of qkv_proj; gate_up row i pairs with row 48 + i
+    "phi3": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1},
+                 {"qkv_proj.weight": 32, "o_proj.weight": 16}, {"gate_up_proj.weight": 2, "down_proj.weight": 1}),
+    "glm": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2},
+                {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8},
+                {"gate_up_proj.weight": 2, "down_proj.weight": 1}),
+    # MHA with biases everywhere; head_dim is hidden/heads in the stock model: reload MLP-only pruning
+    "opt": Arch(dict(hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=32,
+                     max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+                {f"{p}.{w}": 8 for p in ("q_proj", "k_proj", "v_proj") for w in ("weight", "bias")}
+                | {"out_proj.weight": 8},
+                {"fc1.weight": 1, "fc1.bias": 1, "fc2.weight": 1}, n_attention=4,
+                reload=dict(mode="block_wise", pruning_ratio=0.5, mlp_layers=range(0, 3))),
+    # fused per-head interleaved qkv: 3 x 8 rows per head, and the head's ALiBi slope; MLP is 4 * hidden
+    "bloom": Arch(dict(hidden_size=32, n_layer=3, n_head=4, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                  {"query_key_value.weight": 24, "query_key_value.bias": 24, "dense.weight": 8,
+                   "self_attention.alibi_slopes": 1},
+                  {"dense_h_to_4h.weight": 1, "dense_h_to_4h.bias": 1, "dense_4h_to_h.weight": 1},
+                  n_attention=4, n_mlp=128, reload=dict(mode="layer_wise", layer=2)),
+}
+
+
+def build(model_type: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, vocab_size=64, tie_word_embeddings=False, **ARCHS[model_type].config)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb them
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def short(name: str) -> str:
+    return ".".join(name.split(".")[-2:])
+
+
+def zero_units(model, family, units) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for m in family.members:
+            params[m.param].index_fill_(m.dim, m.indices[units].reshape(-1), 0.0)
+
+
+def assert_generates(model, new: int = 5) -> None:
+    """Greedy decoding with the KV cache scores each step as a full forward of the sequence does."""
+    out = model.generate(IDS, use_cache=True, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, IDS.shape[1] + new)
+    full = logits(model, out.sequences)[0, IDS.shape[1] - 1:-1]  # [new, vocab]
+    torch.testing.assert_close(torch.cat(out.logits), full, atol=1e-4, rtol=0)
+
+
+ALL = sorted(ARCHS)
+
+
+def test_every_supported_architecture_is_tested():
+    assert supported_model_types() == ALL
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_discovered_groups(model_type):
+    arch, model = ARCHS[model_type], build(model_type)
+    found = discover(model)
+    assert sorted(f.key for f in found.families) == sorted(
+        ["hidden"] + [f"{k}@{i}" for k in ("attention", "mlp") for i in range(3)]), found.describe()
+    for i in range(3):
+        attn, mlp = found.find("attention", i)[0], found.find("mlp", i)[0]
+        assert attn.n_units == arch.n_attention and mlp.n_units == arch.n_mlp
+        assert {short(m.param): m.indices.shape[1] for m in attn.members} == arch.attention
+        assert {short(m.param): m.indices.shape[1] for m in mlp.members} == arch.mlp
+    hidden = found.find("hidden")[0]
+    assert hidden.n_units == 32 and all(m.indices.shape[1] == 1 for m in hidden.members)
+    assert len(found.layers) == 3
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_removing_zeroed_groups_keeps_logits(model_type):
+    model = build(model_type)
+    found = discover(model)
+    removed = {"attention@1": [0], "mlp@1": [3, 7, 20], "mlp@2": list(range(0, 48, 2)), "attention@2": [1]}
+    targets = [f for f in found.families if f.key in removed]
+    for fam in targets:
+        zero_units(model, fam, removed[fam.key])
+    before = logits(model)
+    structure = apply_plan(model, make_plan(model, targets, removed))
+    heads = ARCHS[model_type].n_attention
+    assert structure.layers[0].num_key_value_heads == heads
+    assert structure.layers[1].num_key_value_heads == heads - 1
+    assert structure.layers[2].intermediate_size == ARCHS[model_type].n_mlp - 24
+    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=0)
+    assert_generates(model)
+
+
+@pytest.mark.parametrize("model_type", ALL)
+@pytest.mark.parametrize("mode", ["block_wise", "channel_wise", "layer_wise"])
+def test_every_mode_prunes_and_generates(model_type, mode):
+    model = build(model_type)
+    n = sum(p.numel() for p in model.parameters())
+    kwargs = dict(block_wise=dict(pruning_ratio=0.5, attention_layers=range(1, 3), mlp_layers=range(1, 3)),
+                  channel_wise=dict(pruning_ratio=0.25), layer_wise=dict(layer=2))[mode]
+    structure = prune(model, mode=mode, pruner_type="l2", **kwargs).structure
+    assert sum(p.numel() for p in model.parameters()) < n
+    assert structure == get_adapter(model).read_structure(model)
+    assert logits(model).isfinite().all()
+    assert_generates(model)
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_uniform_pruning_reloads_with_from_pretrained(model_type, tmp_path):
+    model = build(model_type)
+    prune(model, pruner_type="l2", **ARCHS[model_type].reload)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    get_adapter(again).prepare(again)  # restores what the stock model cannot rebuild (ALiBi, embed scale)
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_heterogeneous_pruning_rebuilds_with_resize_layer(model_type):
+    """What a checkpoint loader does: build from the pruned config, resize each layer, load strictly."""
+    model = build(model_type)
+    prune(model, mode="block_wise", pruning_ratio=0.5, pruner_type="l1",
+          attention_layers=range(1, 3), mlp_layers=range(0, 2))
+    adapter = get_adapter(model)
+    structure = adapter.read_structure(model)
+    assert not structure.is_uniform() and len(model.config.layer_shapes) == 3
+    again = AutoModelForCausalLM.from_config(model.config).eval()
+    for layer, shape in zip(adapter.decoder_layers(again), structure.layers):
+        adapter.resize_layer(layer, shape, structure.hidden_size, structure.head_dim)
+    adapter.prepare(again)
+    again.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_generates(again)
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_pruned_model_takes_lora(model_type):
+    from peft import LoraConfig, get_peft_model
+    model = build(model_type)
+    prune(model, mode="block_wise", pruning_ratio=0.5, pruner_type="l2",
+          attention_layers=range(1, 3), mlp_layers=range(1, 3))
+    targets = list(get_adapter(model).lora_target_modules)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    peft_model.train()
+    loss = peft_model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert len(trained) == 2 * 3 * len(targets)  # lora_A and lora_B on every target of every layer
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters()
+               if "lora_B" in n)
+
+
+def test_unsupported_architecture_lists_every_supported_one():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*supported: " + ", ".join(ALL)):
+        discover(model)
+
+
+def test_structure_round_trips_as_json():
+    model = build("phi3")
+    prune(model, mode="block_wise", pruning_ratio=0.5, attention_layers=range(1, 2), mlp_layers=range(1, 2))
+    structure = get_adapter(model).read_structure(model)
+    assert ModelStructure.from_dict(structure.to_dict()) == structure
+
+
+def test_qwen3_head_norms_are_shared_by_all_heads_and_in_no_group():
+    found = discover(build("qwen3"))
+    members = {m.param for f in found.families for m in f.members}
+    assert not any("q_norm" in p or "k_norm" in p for p in members)
+
+
+def test_bloom_layer_alibi_matches_the_stock_model_with_left_padding():
+    model = build("bloom")
+    ids = torch.tensor([[0, 0, 5, 9, 13], [3, 4, 5, 9, 13]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask).logits
+        get_adapter(model).prepare(model)  # per-layer slopes + the pre-hook that rebuilds ALiBi from them
+        assert [len(s) for s in [b.self_attention.alibi_slopes for b in model.transformer.h]] == [4, 4, 4]
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, stock, atol=0, rtol=0)
+
+
+def test_opt_word_embedding_projection_is_not_the_hidden_size():
+    """OPT-350m embeds in 16 dims and projects in/out of a 32-dim residual stream: only the stream is
+    "hidden"; the embedding space is found but left alone (kind "unknown")."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("opt", vocab_size=64, **{**ARCHS["opt"].config, "word_embed_proj_dim": 16,
+                                                            "do_layer_norm_before": False})
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config).eval()
+    found = discover(model)
+    assert [f.n_units for f in found.find("hidden")] == [32]
+    assert [f.n_units for f in found.find("unknown")] == [16]
+    structure = prune(model, mode="channel_wise", pruning_ratio=0.25, pruner_type="l2").structure
+    assert structure.hidden_size == 24 and model.config.word_embed_proj_dim == 16
+    assert_generates(model)
