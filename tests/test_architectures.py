@@ -255,3 +255,18 @@ def test_opt_word_embedding_projection_is_not_the_hidden_size():
     structure = prune(model, mode="channel_wise", pruning_ratio=0.25, pruner_type="l2").structure
     assert structure.hidden_size == 24 and model.config.word_embed_proj_dim == 16
     assert_generates(model)
+
+
+@pytest.mark.parametrize("model_type", ALL)
+@pytest.mark.parametrize("mode", ["block_wise", "channel_wise"])
+def test_save_pruned_then_load_pruned_is_identical(model_type, mode, tmp_path):
+    """The project's checkpoint format, heterogeneous layers included, for every architecture."""
+    from LLMPruner.checkpoint import load_pruned, save_pruned
+    model = build(model_type)
+    kwargs = dict(block_wise=dict(pruning_ratio=0.5, attention_layers=range(1, 3), mlp_layers=range(0, 2)),
+                  channel_wise=dict(pruning_ratio=0.25))[mode]
+    prune(model, mode=mode, pruner_type="l1", **kwargs)
+    save_pruned(model, None, tmp_path / "ckpt")
+    again, _ = load_pruned(tmp_path / "ckpt")
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_generates(again)

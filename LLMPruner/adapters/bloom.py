@@ -70,7 +70,8 @@ class BloomAdapter(Adapter):
 
     def read_structure(self, model: nn.Module) -> ModelStructure:
         blocks = self.decoder_layers(model)
-        head_dim = blocks[0].self_attention.head_dim
+        # after pruning the hidden size, hidden/heads no longer gives head_dim: the config records it
+        head_dim = getattr(model.config, "head_dim", None) or blocks[0].self_attention.head_dim
         shapes = []
         for block in blocks:
             heads = block.self_attention.dense.weight.shape[1] // head_dim
@@ -96,6 +97,9 @@ class BloomAdapter(Adapter):
         blocks = self.decoder_layers(model)
         for block, s in zip(blocks, layers):
             block.num_heads = block.self_attention.num_heads = s.num_attention_heads
+            block.self_attention.head_dim = structure.head_dim
+            block.self_attention.inv_norm_factor = structure.head_dim ** -0.5
+            block.self_attention.hidden_size = block.self_attention.split_size = structure.hidden_size
         if all(isinstance(getattr(b.self_attention, "alibi_slopes", None), nn.Parameter) for b in blocks):
             config.alibi_slopes = [b.self_attention.alibi_slopes.tolist() for b in blocks]
         return structure

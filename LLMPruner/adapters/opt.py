@@ -32,7 +32,8 @@ class OptAdapter(Adapter):
 
     def read_structure(self, model: nn.Module) -> ModelStructure:
         layers = self.decoder_layers(model)
-        head_dim = layers[0].self_attn.head_dim
+        # after pruning the hidden size, hidden/heads no longer gives head_dim: the config records it
+        head_dim = getattr(model.config, "head_dim", None) or layers[0].self_attn.head_dim
         hidden = model.model.decoder.embed_positions.weight.shape[1]
         shapes = []
         for layer in layers:
@@ -57,6 +58,8 @@ class OptAdapter(Adapter):
             config.layer_shapes = [vars(s).copy() for s in structure.layers]
         for layer, s in zip(self.decoder_layers(model), structure.layers):
             self._update_layer(layer, s, structure.hidden_size)
+            layer.self_attn.head_dim = structure.head_dim
+            layer.self_attn.scaling = structure.head_dim ** -0.5
         return structure
 
     def _update_layer(self, layer: nn.Module, shape: LayerShape, hidden_size: int) -> None:

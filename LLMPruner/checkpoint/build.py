@@ -23,6 +23,7 @@ def model_from_state_dict(config, state_dict: dict[str, torch.Tensor]) -> nn.Mod
     from transformers import AutoModelForCausalLM
     with init_empty_weights():  # parameters on meta, buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config)
+    get_adapter(model).prepare(model)  # e.g. BLOOM's per-head ALiBi slopes, saved as parameters
     for name, param in list(model.named_parameters()):
         saved = state_dict.get(name)
         if saved is not None and tuple(saved.shape) != tuple(param.shape):
@@ -53,3 +54,15 @@ def tied_keys(model: nn.Module) -> list[str]:
     getter = getattr(model, "get_expanded_tied_weights_keys", None)
     keys = getter() if getter is not None else getattr(model, "_tied_weights_keys", None) or {}
     return list(keys)
+
+
+def stock_shapes(cls, config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the config implies (built on the meta device: no memory)."""
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        for name in tied_keys(model):
+            shapes.pop(name, None)
+    return shapes

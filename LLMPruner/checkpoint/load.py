@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import get_adapter
-from .build import CheckpointError
+from .build import CheckpointError, model_from_state_dict, stock_shapes
 from .legacy import is_legacy_pickle, load_legacy_pickle
 from .meta import is_meta_folder, load_meta
 from .modeling_pruned import PRUNED_CLASSES
@@ -70,21 +70,49 @@ def load_pruned(folder: str | Path, device_map: str | dict | None = None,
     if verify_checksums and record:
         _verify_checksums(folder, record)
     heterogeneous = bool(getattr(config, "layer_shapes", None))
-    if heterogeneous and config.model_type not in PRUNED_CLASSES:
-        raise CheckpointError(f"{folder}: per-layer shapes for model_type={config.model_type!r} are not "
-                              f"supported; supported: {', '.join(sorted(PRUNED_CLASSES))}")
+    if (record or {}).get("loader") == "llmpruner" or (heterogeneous and config.model_type not in PRUNED_CLASSES):
+        model = _load_generic(folder, config, device_map, torch_dtype, record)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+        return model, tokenizer
     cls = PRUNED_CLASSES[config.model_type] if heterogeneous else AutoModelForCausalLM
-    _check_tensors(folder, _expected_shapes(cls, config))
+    _check_tensors(folder, stock_shapes(cls, config))
     model, info = cls.from_pretrained(folder, config=config, device_map=device_map,
                                       dtype=torch_dtype if torch_dtype is not None else "auto",
                                       output_loading_info=True, **from_pretrained_kwargs)
     problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     if problems:
         raise CheckpointError(f"{folder}: weights do not match the config: {problems}")
+    get_adapter(model).prepare(model)  # state the stock class does not restore (ALiBi slopes, scales)
     tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     logger.info("loaded %s from %s (%s)", type(model).__name__, folder,
                 "heterogeneous layers" if heterogeneous else "uniform layers")
     return model.eval(), tokenizer
+
+
+def _load_generic(folder: Path, config, device_map, torch_dtype, record: dict | None):
+    """Per-layer shapes of an architecture with no remote-code class: build empty, swap shapes, assign."""
+    from safetensors.torch import load_file
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no model*.safetensors file")
+    state_dict = {}
+    for f in files:
+        state_dict.update(load_file(f))
+    model = model_from_state_dict(config, state_dict)
+    found = get_adapter(model).read_structure(model).to_dict()
+    expected = (record or {}).get("structure")
+    if expected is not None and found != expected:
+        raise CheckpointError(f"{folder}: the structure in {PRUNING_FILE} {expected} disagrees with the "
+                              f"weights {found}")
+    if torch_dtype not in (None, "auto"):
+        model = model.to(getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype)
+    if device_map is not None:
+        device = device_map if isinstance(device_map, str) and device_map != "auto" else \
+            ("cuda" if torch.cuda.is_available() else "cpu")
+        model = model.to(device)
+    get_adapter(model).prepare(model)
+    logger.info("loaded %s from %s (heterogeneous layers, LLMPruner loader)", type(model).__name__, folder)
+    return model.eval()
 
 
 def _read_record(folder: Path) -> dict | None:
@@ -105,19 +133,6 @@ def _verify_checksums(folder: Path, record: dict) -> None:
         if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: SHA-256 differs from the one recorded at save time: the file is "
                                   "truncated, corrupted or was modified (pass verify_checksums=False to skip)")
-
-
-def _expected_shapes(cls, config) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor the config implies (built on the meta device: no memory)."""
-    from accelerate import init_empty_weights
-    with init_empty_weights():
-        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        from .build import tied_keys
-        for name in tied_keys(model):
-            shapes.pop(name, None)
-    return shapes
 
 
 def _check_tensors(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:

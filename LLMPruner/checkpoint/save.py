@@ -11,6 +11,7 @@ either the previous checkpoint or a folder without ``config.json``, which nothin
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import torch.nn as nn
 from .. import __version__
 from ..adapters import get_adapter
 from . import modeling_pruned
+from .build import stock_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +51,10 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
     if round_to is not None:
         _check_rounding(structure, round_to)
     model_type = model.config.model_type
-    if not structure.is_uniform() and model_type not in modeling_pruned.PRUNED_CLASSES:
-        raise ValueError(f"model_type={model_type!r}: heterogeneous layers can only be saved for "
-                         f"{', '.join(sorted(modeling_pruned.PRUNED_CLASSES))}")
+    remote = model_type in modeling_pruned.PRUNED_CLASSES
+    if getattr(model.config, "layer_shapes", None) and not remote:
+        logger.warning("model_type=%r with per-layer shapes: the folder loads with LLMPruner.load_pruned "
+                       "(no remote-code class exists for it)", model_type)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -71,7 +74,8 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
                   "parameters": sum(p.numel() for p in model.parameters()),
                   "round_to": round_to, "structure": structure.to_dict(),
                   "sha256": {name: sha256_file(tmp / name) for name in weights},
-                  "provenance": _jsonable(provenance or {})}
+                  "provenance": _jsonable(provenance or {}),
+                  "loader": "transformers" if _stock_rebuilds(model) else "llmpruner"}
         (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _commit(tmp, folder)
     finally:
@@ -87,7 +91,7 @@ def _set_loading_route(config: dict, model_type: str, heterogeneous: bool, tmp: 
     pruned_cls = modeling_pruned.PRUNED_CLASSES.get(model_type)
     if pruned_cls is not None:
         config["architectures"] = [pruned_cls.__mro__[1].__name__]  # the stock class
-    if heterogeneous:
+    if heterogeneous and pruned_cls is not None:
         config["architectures"] = [pruned_cls.__name__]
         config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{pruned_cls.__name__}"}
         shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
@@ -141,3 +145,12 @@ def _jsonable(value):
 def _transformers_version() -> str:
     import transformers
     return transformers.__version__
+
+
+def _stock_rebuilds(model: nn.Module) -> bool:
+    """Whether the stock class (or the copied modeling file) rebuilds every tensor shape from the config."""
+    if model.config.model_type in modeling_pruned.PRUNED_CLASSES:
+        return True
+    from transformers import AutoModelForCausalLM
+    expected = stock_shapes(AutoModelForCausalLM, copy.deepcopy(model.config))
+    return all(tuple(t.shape) == expected[name] for name, t in model.state_dict().items() if name in expected)
