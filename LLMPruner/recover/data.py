@@ -140,8 +140,17 @@ def build_instruction_datasets(data_path: str, tokenizer, cutoff_len: int = 256,
     prompter = Prompter(prompt_template_name)
     rows = [tokenize_example(r, schema, tokenizer, prompter, cutoff_len, train_on_inputs, add_eos_token)
             for r in records]
-    data = Dataset.from_list(rows)
-    logger.info("%d %s records from %s, cutoff %d", len(rows), schema, data_path, cutoff_len)
+    kept = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
+    if not kept:
+        raise ValueError(f"--cutoff_len {cutoff_len}: every example's prompt fills the cutoff, leaving no answer "
+                         f"token to train on; raise --cutoff_len or use --train_on_inputs")
+    if len(kept) < len(rows):
+        logger.warning("%d of %d examples dropped: their prompt fills --cutoff_len %d (no answer token left)",
+                       len(rows) - len(kept), len(rows), cutoff_len)
+    if val_set_size >= len(kept):
+        raise ValueError(f"--val_set_size {val_set_size}: only {len(kept)} usable examples remain")
+    data = Dataset.from_list(kept)
+    logger.info("%d %s records from %s, cutoff %d", len(kept), schema, data_path, cutoff_len)
     if val_set_size:
         split = data.train_test_split(test_size=val_set_size, shuffle=True, seed=seed)
         train, val = split["train"].shuffle(seed=seed), split["test"]
