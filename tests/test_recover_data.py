@@ -85,10 +85,10 @@ def tok_text(row) -> str:
 def test_split_sizes_and_cache(tmp_path):
     path = write(tmp_path, "data.json", alpaca_records(30))
     cache = tmp_path / "cache"
-    kwargs = dict(cutoff_len=64, val_set_size=6, prompt_template_name="alpaca_short", cache_dir=cache)
+    kwargs = dict(cutoff_len=96, val_set_size=6, prompt_template_name="alpaca_short", cache_dir=cache)
     train, val = build_instruction_datasets(path, char_tokenizer(), **kwargs)
     assert (len(train), len(val)) == (24, 6)
-    assert max(len(ids) for ids in train["input_ids"]) <= 64
+    assert max(len(ids) for ids in train["input_ids"]) <= 96
     assert len(list(cache.iterdir())) == 1
     train2, val2 = build_instruction_datasets(path, char_tokenizer(), **kwargs)
     assert train2["input_ids"] == train["input_ids"] and val2["labels"] == val["labels"]
