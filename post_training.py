@@ -31,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prune_model", required=True, help="pruned folder from hf_prune.py, or any HF model id/folder")
     p.add_argument("--data_path", default="yahma/alpaca-cleaned",
-                   help="HF dataset name or local .json/.jsonl (Alpaca: instruction/input/output; LaMini: "
-                        "instruction/response)")
+                   help="HF dataset name, local .json/.jsonl (Alpaca: instruction/input/output; LaMini: "
+                        "instruction/response; or text) or .txt (blank-line separated documents, no template)")
     p.add_argument("--output_dir", default="tune_log/recover", help="checkpoints, adapter/, merged/")
     p.add_argument("--batch_size", type=int, default=128, help="examples per optimizer step (all processes)")
     p.add_argument("--micro_batch_size", type=int, default=4, help="examples per forward pass per process")

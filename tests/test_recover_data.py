@@ -78,6 +78,16 @@ def test_no_instruction_prompt_and_lamini_schema(tmp_path):
     assert tok_text(row).endswith("### Response:\na0</s>")
 
 
+def test_plain_text_documents_train_on_every_token(tmp_path):
+    path = write(tmp_path, "stories.txt", "One day.\n\nTwo cats\nplayed.\n\n\n")
+    records, schema = load_instruction_records(path)
+    assert schema == "text" and records == [{"text": "One day."}, {"text": "Two cats\nplayed."}]
+    tok = char_tokenizer()
+    row = tokenize_example(records[1], schema, tok, Prompter("alpaca"), 512)
+    assert row["input_ids"] == tok("Two cats\nplayed.")["input_ids"] + [tok.eos_token_id]
+    assert row["labels"] == [IGNORE_INDEX] + row["input_ids"][1:]  # only BOS is not a target
+
+
 def tok_text(row) -> str:
     return char_tokenizer().decode(row["input_ids"])
 

@@ -1,8 +1,9 @@
 """Instruction data for recovery: read, validate, tokenize with prompt masking, split, cache.
 
-Sources: a Hugging Face dataset name (default ``yahma/alpaca-cleaned``) or a local ``.json`` / ``.jsonl``
-file. Schemas: Alpaca (``instruction``, ``input``, ``output``; ``input`` may be absent) and LaMini
-(``instruction``, ``response``).
+Sources: a Hugging Face dataset name (default ``yahma/alpaca-cleaned``), a local ``.json`` / ``.jsonl``
+file, or a local ``.txt`` file (blank-line separated documents). Schemas: Alpaca (``instruction``,
+``input``, ``output``; ``input`` may be absent), LaMini (``instruction``, ``response``) and plain text
+(``text``: no template, every token trained on — for in-domain recovery).
 
 Each example becomes ``input_ids`` (the full prompt + answer, cut at ``cutoff_len``, EOS appended when
 it fits) and ``labels`` (a copy with the prompt tokens set to -100 unless ``train_on_inputs``).
@@ -20,11 +21,12 @@ from .prompts import Prompter
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-Schema = Literal["alpaca", "lamini"]
+Schema = Literal["alpaca", "lamini", "text"]
 #: schema -> (required fields, the answer field)
 SCHEMAS: dict[str, tuple[tuple[str, ...], str]] = {
     "alpaca": (("instruction", "output"), "output"),
     "lamini": (("instruction", "response"), "response"),
+    "text": (("text",), "text"),
 }
 
 
@@ -36,6 +38,8 @@ def _parse_file(path: Path) -> list:
     raw = path.read_text(encoding="utf-8")
     if not raw.strip():
         raise DataFormatError(f"--data_path {str(path)!r}: the file is empty")
+    if path.suffix == ".txt":
+        return [{"text": doc.strip()} for doc in raw.split("\n\n") if doc.strip()]
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(raw.splitlines(), 1):
@@ -69,7 +73,8 @@ def detect_schema(records: list, source: str) -> Schema:
     schema = next((name for name, (_, answer) in SCHEMAS.items() if answer in first), None)
     if schema is None:
         raise DataFormatError(f"--data_path {source!r}: record 0 has fields {sorted(first)}; expected the "
-                              f"Alpaca schema (instruction, input, output) or LaMini (instruction, response)")
+                              f"Alpaca schema (instruction, input, output), LaMini (instruction, response) "
+                              f"or plain text (text)")
     required, _ = SCHEMAS[schema]
     for i, record in enumerate(records):
         bad = [f for f in required if not isinstance(record, dict) or not isinstance(record.get(f), str)]
@@ -82,7 +87,7 @@ def detect_schema(records: list, source: str) -> Schema:
 def load_instruction_records(data_path: str) -> tuple[list[dict], Schema]:
     """Records and schema of a local ``.json``/``.jsonl`` file or a Hugging Face dataset's train split."""
     path = Path(data_path)
-    if path.suffix in (".json", ".jsonl") or path.exists():
+    if path.suffix in (".json", ".jsonl", ".txt") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"--data_path {data_path!r}: no such file")
         records = _parse_file(path)
@@ -92,7 +97,7 @@ def load_instruction_records(data_path: str) -> tuple[list[dict], Schema]:
             records = load_dataset(data_path, split="train").to_list()
         except Exception as err:  # offline, unknown name
             raise RuntimeError(f"--data_path {data_path!r}: could not load the dataset ({type(err).__name__}: "
-                               f"{err}); offline, pass a local .json/.jsonl file in the Alpaca schema") from err
+                               f"{err}); offline, pass a local .json/.jsonl file in the Alpaca schema or a .txt file") from err
     return records, detect_schema(records, data_path)
 
 
@@ -100,7 +105,7 @@ def tokenize_example(record: dict, schema: Schema, tokenizer, prompter: Prompter
                      train_on_inputs: bool = False, add_eos_token: bool = True) -> dict[str, list[int]]:
     """``input_ids``/``attention_mask``/``labels`` of one record (prompt masked unless train_on_inputs)."""
     answer = record[SCHEMAS[schema][1]]
-    user_prompt = prompter.generate_prompt(record["instruction"], record.get("input"))
+    user_prompt = "" if schema == "text" else prompter.generate_prompt(record["instruction"], record.get("input"))
     ids = tokenizer(user_prompt + answer, truncation=True, max_length=cutoff_len)["input_ids"]
     eos = tokenizer.eos_token_id
     if add_eos_token and eos is not None and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
