@@ -92,3 +92,32 @@ def test_two_gloo_processes_take_the_same_steps_and_write_one_set_of_checkpoints
                                                       "recovery_report.json"]
     evals = [h["eval_instruct_loss"] for h in state(ddp, 4)["log_history"] if "eval_instruct_loss" in h]
     assert evals[-1] < evals[0], evals
+
+
+@pytest.mark.parametrize("script", ["llama_prune.sh", "vicuna_prune.sh", "llama3_prune.sh"])
+def test_preset_scripts_parse(script):
+    run(["bash", "-n", f"scripts/{script}"])
+
+
+def test_llama_prune_script_prunes_then_recovers_stories260k(tmp_path):
+    if not (REPO / "hf_prune.py").is_file():
+        pytest.skip("hf_prune.py (the pruning entry point) is not in this checkout")
+    data = small_alpaca(tmp_path, 24)
+    name = f"test_recover_{os.getpid()}"
+    env = {**ENV, "BASE_MODEL": str(STORIES), "LAYER_START": "1", "LAYER_END": "4", "DEVICE": "cpu",
+           "EVAL_DEVICE": "cpu", "DATA_PATH": data, "MAX_STEPS": "2", "BATCH_SIZE": "8", "MICRO_BATCH_SIZE": "4",
+           "VAL_SET_SIZE": "8", "PROMPT_TEMPLATE": "alpaca_short", "PRUNE_NAME": name, "TUNE_NAME": name,
+           "PRUNE_FLAGS": f"--calibration_data {need_shared('data', 'tinystories', 'tinystories_val.txt')}",
+           "TUNE_FLAGS": "--save_steps 2 --eval_steps 2"}
+    try:
+        out = subprocess.run(["bash", "scripts/llama_prune.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        merged = REPO / "tune_log" / name / "merged"
+        assert (merged / "config.json").is_file()
+        config = json.loads((merged / "config.json").read_text())
+        assert config["layer_shapes"][1]["num_key_value_heads"] == 3  # 0.25 of 4 KV groups pruned
+    finally:
+        import shutil
+        shutil.rmtree(REPO / "prune_log" / name, ignore_errors=True)
+        shutil.rmtree(REPO / "tune_log" / name, ignore_errors=True)
