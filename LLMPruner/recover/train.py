@@ -97,10 +97,10 @@ def wrap_lora(model, config: RecoveryConfig):
 
 def training_arguments(config: RecoveryConfig, has_eval: bool, metric: str | None):
     from transformers import TrainingArguments
-    accumulation = gradient_accumulation_steps(config.batch_size, config.micro_batch_size, world_size())
-    return TrainingArguments(
+    gradient_accumulation_steps(config.batch_size, config.micro_batch_size, world_size())  # fail early
+    args = TrainingArguments(
         output_dir=config.output_dir, per_device_train_batch_size=config.micro_batch_size,
-        per_device_eval_batch_size=config.micro_batch_size, gradient_accumulation_steps=accumulation,
+        per_device_eval_batch_size=config.micro_batch_size,
         num_train_epochs=config.num_epochs, max_steps=config.max_steps, learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps, logging_steps=config.logging_steps, seed=config.seed,
         data_seed=config.seed, bf16=config.dtype == "bf16", fp16=config.dtype == "fp16",
@@ -112,6 +112,10 @@ def training_arguments(config: RecoveryConfig, has_eval: bool, metric: str | Non
         deepspeed=config.deepspeed, fsdp=config.fsdp or None, fsdp_config=config.fsdp_config,
         dataloader_num_workers=config.dataloader_num_workers, disable_tqdm=config.disable_tqdm,
         use_cpu=config.use_cpu, remove_unused_columns=False)
+    # the launcher (torchrun, accelerate, deepspeed) decides the number of processes; args knows it
+    args.gradient_accumulation_steps = gradient_accumulation_steps(config.batch_size, config.micro_batch_size,
+                                                                   args.world_size)
+    return args
 
 
 def _trainer_class():
@@ -150,6 +154,6 @@ def build_trainer(model, tokenizer, train_dataset, eval_datasets: dict | None, c
                                eval_dataset=eval_datasets, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks)
     logger.info("batch %d = micro-batch %d x %d accumulation x %d process(es); dtype %s",
-                config.batch_size, config.micro_batch_size, args.gradient_accumulation_steps, world_size(),
+                config.batch_size, config.micro_batch_size, args.gradient_accumulation_steps, args.world_size,
                 config.dtype)
     return trainer
