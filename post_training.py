@@ -145,7 +145,8 @@ def main(argv=None) -> dict:
             report["ppl_after"] = evaluate_ppl(peft_model, tokenizer, ppl_sets, args.eval_seq_len,
                                                data_dir=args.data_dir)
         if args.merge:
-            report["merged"] = str(save_merged(peft_model, tokenizer, os.path.join(args.output_dir, "merged")))
+            report["merged"] = str(save_merged(peft_model, tokenizer, os.path.join(args.output_dir, "merged"),
+                                               dtype=load_dtype))  # merged in fp32, saved in the model's dtype
         with open(os.path.join(args.output_dir, "recovery_report.json"), "w") as f:
             json.dump(report, f, indent=2)
         logger.info("done: %s", json.dumps(report))

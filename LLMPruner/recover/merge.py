@@ -24,9 +24,12 @@ def merge_lora(peft_model) -> torch.nn.Module:
     return merged
 
 
-def save_merged(peft_model, tokenizer, folder: str | Path) -> Path:
-    """Merge ``peft_model`` and write it to ``folder`` in the project's pruned-checkpoint format."""
+def save_merged(peft_model, tokenizer, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Merge ``peft_model`` (best in fp32) and write it to ``folder``, cast to ``dtype`` if given, in the
+    project's pruned-checkpoint format."""
     merged = merge_lora(peft_model)
+    if dtype is not None:
+        merged = merged.to(dtype)
     if getattr(merged, "generation_config", None) is not None:
         merged.generation_config.pad_token_id = None  # a pad id set for training is no generation default
     path = Path(save_pruned(merged, tokenizer, folder) or folder)
