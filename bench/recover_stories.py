@@ -1,0 +1,120 @@
+"""Recovery on the real stories260K: perplexity before/after LoRA recovery, and training throughput.
+
+    python bench/recover_stories.py            # needs ../shared and hf_prune.py (prunes at 0.25 first)
+
+1. prune stories260K at 0.25 (hf_prune.py, block-wise layers 1-3, Taylor) unless --prune_model exists;
+2. split ../shared/data/tinystories: first 20 % of the stories for training, the other 80 % for perplexity;
+3. recover with post_training.py on (a) Alpaca instructions and (b) the in-domain 20 %, reporting
+   TinyStories perplexity (128-token windows) before and after;
+4. throughput: post_training's Trainer against a plain peft + Trainer loop on the same model and data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LLMPRUNER_SHARED", REPO.parent / "shared"))
+sys.path.insert(0, str(REPO))
+
+
+def prune(folder: Path) -> None:
+    subprocess.run([sys.executable, "hf_prune.py", "--pruning_ratio", "0.25", "--device", "cpu", "--eval_device",
+                    "cpu", "--block_wise", "--block_mlp_layer_start", "1", "--block_mlp_layer_end", "4",
+                    "--block_attention_layer_start", "1", "--block_attention_layer_end", "4", "--pruner_type",
+                    "taylor", "--taylor", "param_first", "--base_model", str(SHARED / "models/stories260K"),
+                    "--calibration_data", str(SHARED / "data/tinystories/tinystories_val.txt"),
+                    "--log_dir", str(folder.parent), "--save_ckpt_log_name", folder.name, "--save_model"],
+                   cwd=REPO, check=True)
+
+
+def split_stories(tmp: Path) -> tuple[str, str]:
+    stories = [s for s in (SHARED / "data/tinystories/tinystories_val.txt").read_text().split("\n\n") if s.strip()]
+    cut = len(stories) // 5
+    (tmp / "train.txt").write_text("\n\n".join(stories[:cut]))
+    (tmp / "heldout.txt").write_text("\n\n".join(stories[cut:]))
+    return str(tmp / "train.txt"), str(tmp / "heldout.txt")
+
+
+def recover(prune_model: str, data: str, heldout: str, out: Path, args) -> dict:
+    import post_training
+    argv = ["--prune_model", prune_model, "--data_path", data, "--output_dir", str(out), "--batch_size", "16",
+            "--micro_batch_size", "8", "--num_epochs", "1", "--max_steps", str(args.steps), "--learning_rate",
+            str(args.lr), "--warmup_steps", "5", "--cutoff_len", "256", "--val_set_size", "64", "--eval_steps",
+            str(args.steps), "--save_steps", str(args.steps), "--eval_ppl", heldout, "--merge", "--seed", "0"]
+    return post_training.main(argv)
+
+
+def throughput(prune_model: str, data: str, examples: int) -> dict[str, float]:
+    """tokens/s of one epoch over ``examples`` Alpaca examples: ours vs a plain peft + Trainer loop."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from LLMPruner.checkpoint import load_model
+    from LLMPruner.recover import RecoveryConfig, build_instruction_datasets, build_trainer
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    results: dict[str, float] = {}
+    for name in ("post_training", "plain peft+Trainer") * 2:  # alternate, keep each one's best
+        model, tok = load_model(prune_model, dtype=torch.float32)
+        tok.pad_token_id = 0
+        train, _ = build_instruction_datasets(data, tok, cutoff_len=256, val_set_size=0)
+        train = train.select(range(examples))
+        tokens = sum(len(ids) for ids in train["input_ids"])
+        with tempfile.TemporaryDirectory() as out:
+            if name == "post_training":
+                trainer = build_trainer(model, tok, train, {}, RecoveryConfig(
+                    output_dir=out, batch_size=16, micro_batch_size=8, num_epochs=1, learning_rate=1e-3,
+                    lora_target_modules=targets, save_steps=10**6, disable_tqdm=True, use_cpu=True))
+            else:
+                lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                        target_modules=targets, task_type="CAUSAL_LM"))
+                trainer = Trainer(model=lora, train_dataset=train, data_collator=DataCollatorForSeq2Seq(
+                    tok, pad_to_multiple_of=8, padding=True, return_tensors="pt"), args=TrainingArguments(
+                    output_dir=out, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                    num_train_epochs=1, learning_rate=1e-3, save_strategy="no", report_to="none",
+                    disable_tqdm=True, use_cpu=True))
+            start = time.perf_counter()
+            trainer.train()
+            results[name] = max(results.get(name, 0.0), tokens / (time.perf_counter() - start))
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prune_model", default=str(REPO / "prune_log" / "stories_0.25"))
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps of 16 examples per recovery run")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--throughput_examples", type=int, default=512)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if not SHARED.exists():
+        sys.exit(f"needs {SHARED} (the project's ../shared material)")
+    if not Path(args.prune_model, "config.json").is_file():
+        prune(Path(args.prune_model))
+    alpaca = str(SHARED / "data/alpaca/alpaca_5000.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_txt, heldout = split_stories(Path(tmp))
+        report = {"dense": recover(str(SHARED / "models/stories260K"), alpaca, heldout, Path(tmp) / "d", args)
+                  ["ppl_before"], "alpaca": recover(args.prune_model, alpaca, heldout, Path(tmp) / "a", args),
+                  "tinystories": recover(args.prune_model, train_txt, heldout, Path(tmp) / "t", args)}
+    report["tokens_per_s"] = throughput(args.prune_model, alpaca, args.throughput_examples)
+    ppl = lambda d: round(next(iter(d.values())), 3)
+    report["summary"] = {"dense": ppl(report["dense"]), "pruned": ppl(report["alpaca"]["ppl_before"]),
+                         "recovered_alpaca": ppl(report["alpaca"]["ppl_after"]),
+                         "recovered_tinystories": ppl(report["tinystories"]["ppl_after"])}
+    out = REPO / "results" / "recover_stories.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
