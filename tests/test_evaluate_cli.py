@@ -74,3 +74,23 @@ def test_generate_cli_greedy(tmp_path):
     run = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Once upon a time, there was a little girl" in run.stdout
+
+
+def test_pruned_plus_lora_spec_merges_the_adapter(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from LLMPruner.evaluate.models import load_for_eval
+    path = need_shared("models", "stories260K")
+    base, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    base.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "tune" / "checkpoint-2")
+    ids = torch.tensor([[1, 400, 30, 72, 9]])
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        merged, _ = load_for_eval(parse_spec(f"lora={tmp_path / 'model'}+{tmp_path / 'tune' / 'checkpoint-2'}"))
+        plain, _ = load_for_eval(parse_spec(f"plain={tmp_path / 'model'}"))
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain(ids).logits, expected, atol=1e-3)  # the adapter changes outputs
