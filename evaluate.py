@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval tasks, or ''")
     p.add_argument("--zeroshot_dir", default=None, help="local task files (see docs/evaluation.md)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--zeroshot_max_length", type=int, default=None,
+                   help="context lm-eval allows (default: the model config's); raise it when a small "
+                        "model's answers exceed it")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--no_stats", action="store_true", help="skip parameters/MACs/latency")
     p.add_argument("--no_latency", action="store_true", help="count parameters/MACs only")
@@ -49,7 +52,8 @@ def evaluate_one(model, tokenizer, args: argparse.Namespace, tasks: list[str]) -
     if tasks:
         row["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, data_dir=args.zeroshot_dir,
                                             limit=args.limit, batch_size=args.batch_size,
-                                            device=args.device, seed=args.seed)
+                                            device=args.device, max_length=args.zeroshot_max_length,
+                                            seed=args.seed)
         row["average"] = average(row["zeroshot"])
     if not args.no_stats:
         row["stats"] = model_statistics(model, args.max_seq_len, latency=not args.no_latency)
