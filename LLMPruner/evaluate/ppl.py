@@ -1,13 +1,19 @@
-"""Perplexity with the reference's protocol: text joined with "\\n\\n", non-overlapping windows.
+"""Perplexity: the reference's protocol by default, the standard sliding window as an option.
 
-``ppl = exp(mean token NLL)`` over ``numel // seq_len`` windows of ``seq_len`` tokens (WikiText-2 test,
-PTB validation), exactly as LLM-Pruner's ``PPLMetric``.
+``reference``: text joined with "\\n\\n", ``ppl = exp(mean token NLL)`` over ``numel // seq_len``
+non-overlapping windows of ``seq_len`` tokens (WikiText-2 test, PTB validation), exactly as
+LLM-Pruner's ``PPLMetric``; the first token of each window is never scored.
+
+``sliding``: windows of ``seq_len`` tokens moved by ``stride``; each window scores only the tokens
+not scored by the previous one, so every token after the first is scored once with up to
+``seq_len - stride`` tokens of context (the Hugging Face "perplexity of fixed-length models" recipe).
 """
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +22,9 @@ from tqdm.auto import tqdm
 from ..data.text import read_hf_documents
 
 logger = logging.getLogger(__name__)
+
+Protocol = Literal["reference", "sliding"]
+PROTOCOLS = ("reference", "sliding")
 
 #: dataset name -> (file inside a local data dir, HF name, HF config, split, field)
 PPL_DATASETS = {
@@ -68,15 +77,55 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int, batch_size: int = 4
     return math.exp(mean)
 
 
+@torch.no_grad()
+def sliding_perplexity(model, input_ids: torch.Tensor, seq_len: int, stride: int,
+                       device: str | torch.device | None = None, desc: str = "ppl") -> float:
+    """Perplexity of ``input_ids`` (1-D) with overlapping windows of ``seq_len`` moved by ``stride``."""
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"--ppl_stride {stride}: must be in 1..--max_seq_len ({seq_len})")
+    total = input_ids.numel()
+    if total < 2:
+        raise ValueError(f"text has {total} tokens; perplexity needs at least 2")
+    device = device or next(model.parameters()).device
+    total_nll, total_tokens, scored_until = 0.0, 0, 1  # token 0 has no context: never scored
+    starts = list(range(0, max(total - seq_len, 0) + stride, stride))
+    for begin in tqdm(starts, desc=desc, leave=False):
+        end = min(begin + seq_len, total)
+        if end <= scored_until:
+            break
+        window = input_ids[begin:end].unsqueeze(0).to(device)          # [1, T]
+        logits = model(window, use_cache=False).logits.float()[0, :-1]  # [T-1, V] predicts window[1:]
+        first = scored_until - begin - 1  # index into the shifted targets of the first unscored token
+        nll = F.cross_entropy(logits[first:], window[0, 1:][first:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += end - scored_until
+        scored_until = end
+    mean = total_nll / total_tokens
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"{desc}: non-finite loss; try --eval_dtype float32")
+    return math.exp(mean)
+
+
 def evaluate_ppl(model, tokenizer, datasets: list[str], seq_len: int = 128, batch_size: int = 4,
-                 data_dir: str | Path | None = None, device=None) -> dict[str, float]:
-    """``{name: ppl}`` for each dataset name (or text file path)."""
+                 data_dir: str | Path | None = None, device=None, protocol: Protocol = "reference",
+                 stride: int | None = None) -> dict[str, float]:
+    """``{name: ppl}`` for each dataset name (or text file path).
+
+    ``protocol="sliding"`` uses overlapping windows moved by ``stride`` (default ``seq_len // 2``).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--ppl_protocol {protocol!r}: use one of {list(PROTOCOLS)}")
     was_training = model.training
     model.eval()
     results = {}
     for name in datasets:
         ids = tokenizer(load_ppl_text(name, data_dir), return_tensors="pt").input_ids[0]
-        results[name] = perplexity(model, ids, seq_len, batch_size, device, desc=f"ppl {name}")
-        logger.info("PPL %s: %.4f (%d tokens, seq_len %d)", name, results[name], ids.numel(), seq_len)
+        if protocol == "reference":
+            results[name] = perplexity(model, ids, seq_len, batch_size, device, desc=f"ppl {name}")
+        else:
+            results[name] = sliding_perplexity(model, ids, seq_len, stride or max(seq_len // 2, 1),
+                                               device, desc=f"ppl {name}")
+        logger.info("PPL %s: %.4f (%d tokens, seq_len %d, %s)", name, results[name], ids.numel(),
+                    seq_len, protocol)
     model.train(was_training)
     return results
