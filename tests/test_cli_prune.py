@@ -76,3 +76,19 @@ def test_unsupported_architecture(tmp_path):
     from LLMPruner.adapters import supported_model_types
     assert ("model_type='gpt2' has no LLMPruner adapter; supported: " + ", ".join(supported_model_types())
             in proc.stderr)
+
+
+def test_budget_refit_and_depth_flags_end_to_end(tmp_path):
+    model = need_shared("models", "stories260K")
+    text = need_shared("data", "tinystories", "tinystories_val.txt")
+    proc = run(["--base_model", str(model), "--device", "cpu", "--eval_device", "cpu", "--pruner_type", "wanda",
+                "--param_budget", "0.3", "--compensation", "refit", "--prune_layers", "1", "--num_examples", "16",
+                "--calibration_data", str(text), "--save_model", "--save_ckpt_log_name", "beyond"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "prune_log" / "beyond"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["structure"]["layers"]) == 4
+    assert 0.6 < results["ratio"] < 0.85  # 30% of the non-embedding parameters (embeddings stay)
+    from LLMPruner.checkpoint import load_pruned
+    loaded, _ = load_pruned(run_dir)
+    assert loaded.config.num_hidden_layers == 4
