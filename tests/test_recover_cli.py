@@ -80,12 +80,20 @@ def test_single_process_run_writes_adapter_and_a_reloadable_merged_model(tmp_pat
         torch.testing.assert_close(merged.eval()(ids).logits, tuned(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_two_gloo_processes_take_the_same_steps_and_write_one_set_of_checkpoints(tmp_path):
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's --cpu launcher starts one process; --multi_gpu uses torch.distributed (gloo on CPU)
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_gloo_processes_take_the_same_steps_and_write_one_set_of_checkpoints(tmp_path, launcher):
     data = small_alpaca(tmp_path, 40)  # 32 train + 8 val examples, 8 per optimizer step -> 4 steps
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, *common_flags(data, single)])
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *common_flags(data, ddp)])
+    out = run([*LAUNCHERS[launcher], *common_flags(data, ddp)])
     assert "micro-batch 2 x 2 accumulation x 2 process(es)" in out.stderr
     assert state(ddp, 4)["global_step"] == state(single, 4)["global_step"] == 4
     assert sorted(p.name for p in ddp.iterdir()) == ["adapter", "checkpoint-2", "checkpoint-4",
