@@ -51,3 +51,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
 @pytest.fixture
 def stories_path() -> Path:
     return need_shared("models", "stories260K")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs a real model from ../shared (seconds to minutes)")

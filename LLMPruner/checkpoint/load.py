@@ -16,6 +16,7 @@ import torch
 
 from ..adapters import get_adapter
 from .build import CheckpointError, model_from_state_dict, stock_shapes
+from .gguf_in import gguf_file_of, load_gguf
 from .legacy import is_legacy_pickle, load_legacy_pickle
 from .meta import is_meta_folder, load_meta
 from .modeling_pruned import PRUNED_CLASSES
@@ -27,9 +28,13 @@ logger = logging.getLogger(__name__)
 def load_model(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto", *,
                allow_pickle: bool = False):
     """``(model, tokenizer)`` from a Hugging Face id, a (pruned) Hugging Face folder, a folder in
-    Meta's layout, or, with ``allow_pickle=True`` only, a reference LLM-Pruner pickle."""
+    Meta's layout, a ``.gguf`` file (or a folder holding one), or, with ``allow_pickle=True`` only, a
+    reference LLM-Pruner pickle."""
     path = Path(name_or_path)
-    if path.is_dir() and (path / "config.json").is_file():
+    gguf_file = gguf_file_of(path)
+    if gguf_file is not None:
+        model, tokenizer = load_gguf(gguf_file, dtype=dtype)
+    elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = load_pruned(path, torch_dtype=dtype)
     elif path.is_dir() and is_meta_folder(path):
         model, tokenizer = load_meta(path, dtype=dtype)

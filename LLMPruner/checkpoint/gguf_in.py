@@ -1,0 +1,54 @@
+"""GGUF input: a ``.gguf`` file (or a folder holding exactly one) as ``--base_model``.
+
+The tensors are dequantised by transformers' own GGUF loader (``gguf_file=``, which needs the ``gguf``
+package), so any llama.cpp / ollama model of an architecture transformers reads can be pruned. The
+quantizer state transformers attaches is dropped, so the result saves as an ordinary safetensors
+checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .build import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def gguf_file_of(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: the file itself, or the single ``*.gguf`` in a folder without
+    ``config.json``; ``None`` when ``path`` is not GGUF input."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise CheckpointError(f"{path}: holds {len(found)} .gguf files ({', '.join(f.name for f in found)});"
+                                  " pass the one to load as --base_model FILE.gguf")
+        return found[0] if found else None
+    return None
+
+
+def load_gguf(file: Path, dtype: torch.dtype | str = "auto"):
+    """``(model, tokenizer)`` dequantised from ``file`` (float32 unless ``dtype`` says otherwise)."""
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader needs it)
+    except ImportError as err:
+        raise CheckpointError(f"{file}: reading GGUF needs the 'gguf' package: pip install gguf") from err
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if dtype in (None, "auto"):
+        dtype = torch.float32  # dequantised weights: fp32 keeps them exact
+    logger.info("dequantising %s (GGUF) to %s", file, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except (ValueError, OSError, KeyError) as err:
+        raise CheckpointError(f"{file}: cannot be read as a GGUF model by transformers ({err})") from err
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = str(file)
+    return model, tokenizer
