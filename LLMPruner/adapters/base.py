@@ -10,6 +10,25 @@ from ..structure import ModelStructure
 GroupKind = Literal["attention", "mlp", "hidden"]
 
 
+def constructible_heads(hidden_size: int, heads: int, kv_heads: int) -> tuple[int, int]:
+    """Head counts that a stock config accepts and a stock constructor builds.
+
+    transformers 5 validates ``hidden_size % num_attention_heads == 0`` (LLaMA, Gemma-2) and OPT/BLOOM
+    refuse other counts when they build their attention, even when ``head_dim`` is explicit; GQA needs
+    ``heads % kv_heads == 0``. A pruned model easily breaks this (hidden 64, 8 -> 6 heads; 32 -> 24 heads
+    at 4096). Returns ``(heads, kv_heads)`` when they qualify, else the largest pair not above them that
+    does, e.g. ``(64, 6, 3) -> (4, 2)``: placeholders for construction only, the real per-layer counts
+    then live in ``config.layer_shapes`` and every layer is resized to them when loading.
+    """
+    for h in range(heads, 0, -1):
+        if hidden_size % h:
+            continue
+        for kv in range(min(kv_heads, h), 0, -1):
+            if h % kv == 0:
+                return h, kv
+    raise AssertionError("unreachable: (1, 1) always qualifies")
+
+
 class Adapter:
     """Base adapter. Subclasses declare module names; the generic code never spells one."""
 

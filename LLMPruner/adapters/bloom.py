@@ -17,7 +17,7 @@ import torch.nn as nn
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
 from ..structure import LayerShape, ModelStructure
-from .base import Adapter
+from .base import Adapter, constructible_heads
 
 
 def _alibi_pre_hook(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -85,7 +85,9 @@ class BloomAdapter(Adapter):
         config, layers = model.config, structure.layers
         config.hidden_size = structure.hidden_size
         config.n_layer = structure.num_hidden_layers
-        config.n_head = max(s.num_attention_heads for s in layers)
+        # the stock BLOOM builds only hidden % n_head == 0: otherwise a placeholder + layer_shapes
+        heads = max(s.num_attention_heads for s in layers)
+        config.n_head = constructible_heads(structure.hidden_size, heads, heads)[0]
         config.head_dim = structure.head_dim  # informative: the stock BLOOM derives hidden/heads, MLP 4*hidden
         stock = all(s.num_attention_heads * structure.head_dim == structure.hidden_size
                     and s.intermediate_size == 4 * structure.hidden_size for s in layers)

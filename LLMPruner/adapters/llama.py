@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..structure import LayerShape, ModelStructure
-from .base import Adapter
+from .base import Adapter, constructible_heads
 
 Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_in, fan_out)
 
@@ -75,10 +75,13 @@ class LlamaAdapter(Adapter):
         config.hidden_size = structure.hidden_size
         config.num_hidden_layers = structure.num_hidden_layers
         layers = structure.layers
-        config.num_attention_heads = max(s.num_attention_heads for s in layers)
-        config.num_key_value_heads = max(s.num_key_value_heads for s in layers)
+        heads = max(s.num_attention_heads for s in layers)
+        kv_heads = max(s.num_key_value_heads for s in layers)
+        # the stock config must validate (hidden % heads): otherwise placeholders + layer_shapes
+        config.num_attention_heads, config.num_key_value_heads = constructible_heads(
+            structure.hidden_size, heads, kv_heads)
         config.intermediate_size = max(s.intermediate_size for s in layers)
-        if structure.is_uniform():
+        if structure.is_uniform() and (config.num_attention_heads, config.num_key_value_heads) == (heads, kv_heads):
             if hasattr(config, "layer_shapes"):
                 del config.layer_shapes
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..structure import LayerShape, ModelStructure
-from .base import Adapter
+from .base import Adapter, constructible_heads
 
 
 class OptAdapter(Adapter):
@@ -48,10 +48,12 @@ class OptAdapter(Adapter):
         config.hidden_size = structure.hidden_size
         config.word_embed_proj_dim = model.get_input_embeddings().weight.shape[1]
         config.num_hidden_layers = structure.num_hidden_layers
-        config.num_attention_heads = max(s.num_attention_heads for s in structure.layers)
+        heads = max(s.num_attention_heads for s in structure.layers)
+        # the stock OPT builds only hidden % heads == 0: otherwise a placeholder + layer_shapes
+        config.num_attention_heads = constructible_heads(structure.hidden_size, heads, heads)[0]
         config.ffn_dim = max(s.intermediate_size for s in structure.layers)
         config.head_dim = structure.head_dim  # informative: the stock OPT derives it as hidden/heads
-        if structure.is_uniform():
+        if structure.is_uniform() and heads * structure.head_dim == structure.hidden_size:
             if hasattr(config, "layer_shapes"):
                 del config.layer_shapes
         else:

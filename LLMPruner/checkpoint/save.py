@@ -27,7 +27,7 @@ import torch.nn as nn
 from .. import __version__
 from ..adapters import get_adapter
 from . import modeling_pruned
-from .build import stock_shapes
+from .build import stock_shapes, tied_keys
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
-        _set_loading_route(config, model_type, heterogeneous=not structure.is_uniform(), tmp=tmp)
+        # layer_shapes: layers differ, or their head count is not one a stock config can hold
+        _set_loading_route(config, model_type, heterogeneous=bool(config.get("layer_shapes")), tmp=tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         weights = sorted(p.name for p in tmp.glob("model*.safetensors"))
         record = {"format": "llmpruner-checkpoint", "format_version": FORMAT_VERSION,
@@ -81,7 +82,8 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved %s checkpoint to %s (%d layers, %s)", model_type, folder, structure.num_hidden_layers,
-                "uniform" if structure.is_uniform() else "heterogeneous, loads with trust_remote_code=True")
+                "per-layer shapes, loads with trust_remote_code=True or load_pruned"
+                if getattr(model.config, "layer_shapes", None) else "stock config")
     return folder
 
 
@@ -153,4 +155,7 @@ def _stock_rebuilds(model: nn.Module) -> bool:
         return True
     from transformers import AutoModelForCausalLM
     expected = stock_shapes(AutoModelForCausalLM, copy.deepcopy(model.config))
-    return all(tuple(t.shape) == expected[name] for name, t in model.state_dict().items() if name in expected)
+    tied = set(tied_keys(model)) if getattr(model.config, "tie_word_embeddings", False) else set()
+    saved = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+    # every tensor known to the stock class (e.g. not BLOOM's per-layer ALiBi slopes) and of its shape
+    return all(expected.get(name) == shape for name, shape in saved.items())
