@@ -7,7 +7,11 @@
       --calibration_data ../shared/data/tinystories/tinystories_val.txt --eval_data_dir ../shared/data
 
 Writes ``prune_log/<name>/``: command.txt, args.json, prune.log, plan.json, results.json and, with
-``--save_model``, the pruned model (safetensors) and tokenizer.
+``--save_model``, the pruned model (safetensors) and tokenizer. The run is written to a hidden sibling
+and moved into place whole, replacing a previous run of that name only then: with ``--save_model`` as
+soon as the model is saved (before ``--test_after_train``'s evaluation, which then cannot lose it),
+otherwise at the end. A run that fails before that leaves the previous folder as it was and its own
+files in ``prune_log/<name>.failed``.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, prune
+from LLMPruner.run_folder import RunFolder
 from LLMPruner.shrink import count_parameters
 
 logger = logging.getLogger("hf_prune")
@@ -111,34 +116,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # 1. load the model (nothing is written before the inputs are known to be good)
+    # 1. load the model and check the flags against it (nothing is written before they are known good)
     set_seed(args.seed)
     model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
                                   allow_pickle=args.allow_pickle)
     get_adapter(model)
-    n_layers = model.config.num_hidden_layers
-    ranges = {}
-    explicit = any(v is not None for v in (args.block_attention_layer_end, args.block_mlp_layer_end))
-    if args.block_wise and (args.param_budget is None or explicit):
-        ranges = {
-            "attention_layers": check_layer_range("--block_attention_layer", args.block_attention_layer_start,
-                                                  args.block_attention_layer_end or n_layers - 1, n_layers),
-            "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
-                                            args.block_mlp_layer_end or n_layers - 1, n_layers)}
-    if args.layer_wise and not 1 <= args.layer <= n_layers:
-        raise ValueError(f"--layer {args.layer}: must be between 1 and {n_layers} (layers to keep)")
-    log_dir = start_log(args)
-    results: dict = {"base_model": args.base_model}
+    ranges = check_against_model(model, args)
+    # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
+    run = start_log(args)
+    try:
+        results = prune_and_save(model, tokenizer, args, ranges, run.path)
+        if args.save_model:  # the pruned model is safe before any evaluation (as in the reference)
+            run.commit()
+        evaluate_after(model, tokenizer, args, run.path, results)
+    except BaseException:
+        run.abandon()
+        raise
+    if not run.committed:
+        run.commit()
+    logger.info("run folder %s", run.path)
+    return 0
 
+
+def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
+    results: dict = {"base_model": args.base_model}
     # 2. dense perplexity
     if args.test_before_train:
-        results["ppl_before"] = run_ppl(model, tokenizer, args)
+        results["ppl_before"] = run_ppl(model, tokenizer, args, "before")
 
     # 3. discover -> score -> select -> shrink
     examples = None
     needs_data = args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none" \
         or args.prune_layers > 0
-    if needs_data and not args.layer_wise:
+    if needs_data and not args.layer_wise:  # --layer_wise keeps the first --layer layers: no data
         examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
                                         args.calibration_seq_len, args.seed)
     model.to(args.device)
@@ -159,21 +169,64 @@ def main(argv=None) -> int:
     logger.info("structure:\n%s", result.structure.describe())
     (log_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in result.plans]))
 
-    # 4. sample generations and perplexity of the pruned model
-    if args.test_after_train:
+    # 4. the pruned checkpoint, before any evaluation that could fail
+    results["saved_model"] = bool(args.save_model)
+    if args.save_model:
+        save_pruned(model.to("cpu"), tokenizer, log_dir,
+                    provenance={"base_model": args.base_model, "args": vars(args),
+                                "params_before": before, "params_after": after},
+                    round_to=args.round_to if args.round_to > 1 else None)
+        model.to(args.device)
+    write_results(log_dir, results)
+    return results
+
+
+def evaluate_after(model, tokenizer, args, log_dir: Path, results: dict) -> None:
+    """5. sample generations and perplexity of the pruned model; results.json says how far it got."""
+    if not args.test_after_train:
+        return
+    try:
         model.to(args.eval_device)
         results["generations"] = sample_generations(model, tokenizer, args)
-        results["ppl_after"] = run_ppl(model, tokenizer, args)
+        results["ppl_after"] = run_ppl(model, tokenizer, args, "after")
+    except BaseException as err:
+        results["evaluation_error"] = f"{type(err).__name__}: {err}"
+        write_results(log_dir, results)
+        if args.save_model:
+            logger.error("evaluation after pruning failed; the pruned model is saved in %s", log_dir)
+        raise
+    write_results(log_dir, results)
+
+
+def write_results(log_dir: Path, results: dict) -> None:
     (log_dir / "results.json").write_text(json.dumps(results, indent=2))
 
-    # 5. the pruned checkpoint
-    if args.save_model:
-        folder = save_pruned(model.to("cpu"), tokenizer, log_dir,
-                             provenance={"base_model": args.base_model, "args": vars(args),
-                                         "params_before": before, "params_after": after},
-                             round_to=args.round_to if args.round_to > 1 else None)
-        logger.info("saved the pruned model to %s", folder)
-    return 0
+
+def check_against_model(model, args) -> dict[str, range]:
+    """Flags that only the loaded model can check; returns the layer ranges for ``prune``."""
+    n_layers = model.config.num_hidden_layers
+    ranges = {}
+    explicit = any(v is not None for v in (args.block_attention_layer_end, args.block_mlp_layer_end))
+    if args.block_wise and (args.param_budget is None or explicit):
+        ranges = {
+            "attention_layers": check_layer_range("--block_attention_layer", args.block_attention_layer_start,
+                                                  args.block_attention_layer_end or n_layers - 1, n_layers),
+            "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
+                                            args.block_mlp_layer_end or n_layers - 1, n_layers)}
+    if args.layer_wise and not 1 <= args.layer <= n_layers:
+        raise ValueError(f"--layer {args.layer}: must be between 1 and {n_layers} (layers to keep)")
+    if args.layer_wise and args.compensation != "none":
+        raise ValueError(f"--compensation {args.compensation} does not apply to --layer_wise, which keeps the "
+                         "first --layer decoder layers and changes no weights; drop it, or remove layers by "
+                         "importance with --prune_layers N (which --compensation can follow)")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    used = [("--calibration_seq_len", args.calibration_seq_len, not args.layer_wise),
+            ("--max_seq_len", args.max_seq_len, args.test_before_train or args.test_after_train)]
+    for flag, value, in_use in used:
+        if positions and in_use and value > positions:
+            raise ValueError(f"{flag} {value}: longer than the model's max_position_embeddings {positions} "
+                             f"({args.base_model}); use at most {positions}")
+    return ranges
 
 
 def set_seed(seed: int) -> None:
@@ -182,24 +235,26 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_log(args) -> Path:
-    log_dir = Path(args.log_dir) / args.save_ckpt_log_name
-    log_dir.mkdir(parents=True, exist_ok=True)
+def start_log(args) -> RunFolder:
+    run = RunFolder(Path(args.log_dir) / args.save_ckpt_log_name)
+    log_dir = run.path
     (log_dir / "command.txt").write_text(" ".join([sys.executable] + sys.argv) + "\n")
     (log_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    handler = logging.FileHandler(log_dir / "prune.log", mode="w")
+    handler = logging.FileHandler(log_dir / "prune.log", mode="w")  # follows the folder when it moves
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
-    logger.info("run folder %s; args %s", log_dir, json.dumps(vars(args)))
-    return log_dir
+    logger.info("run folder %s (written to %s until it succeeds); args %s", run.final, log_dir,
+                json.dumps(vars(args)))
+    return run
 
 
-def run_ppl(model, tokenizer, args) -> dict[str, float]:
+def run_ppl(model, tokenizer, args, when: str) -> dict[str, float]:
     model.to(args.eval_device)
     names = [n for n in args.ppl_datasets.split(",") if n]
     ppl = evaluate_ppl(model, tokenizer, names, seq_len=args.max_seq_len, batch_size=args.eval_batch_size,
                        data_dir=args.eval_data_dir, device=args.eval_device)
-    logger.info("PPL: %s", {k: round(v, 4) for k, v in ppl.items()})
+    logger.info("PPL %s pruning: %s", when, {k: round(v, 4) for k, v in ppl.items()})
+    print(f"PPL {when} pruning: {json.dumps({k: round(v, 4) for k, v in ppl.items()})}", flush=True)
     model.to(args.device)
     return ppl
 

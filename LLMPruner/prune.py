@@ -60,16 +60,20 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
           ridge: float = 1e-3) -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``)."""
-    _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     result = PruneResult()
-    start_params = non_embedding_parameters(model)
-    if mode == "layer_wise":
+    if mode == "layer_wise":  # the reference's: keep the first ``layer`` layers, no scores, no data
+        if compensation not in ("none", None):
+            raise ValueError(f"--compensation {compensation} does not apply to --layer_wise, which keeps the "
+                             "first --layer decoder layers and changes no weights; drop it, or remove layers "
+                             "by importance with --prune_layers N (which --compensation can follow)")
         if layer is None or not 1 <= layer <= n_layers:
             raise ValueError(f"--layer {layer}: must be between 1 and {n_layers} (layers to keep)")
         _apply(model, PruningPlan(keep_layers=list(range(layer))), result)
         return result
+    _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
+    start_params = non_embedding_parameters(model)
     if mode not in ("block_wise", "channel_wise"):
         raise ValueError(f"mode {mode!r}: choose block_wise, channel_wise or layer_wise")
     if prune_layers:
@@ -80,6 +84,8 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         targets = _targets(discover(model).families, mode, attention_layers, mlp_layers, param_budget)
         if not targets or width == 0:
             break
+        if original is None:
+            _check_round_to(targets, round_to)
         original = original or {f.key: f.n_units for f in targets}
         ratio = width * step / iterative_steps
         stats = _stats(model, targets, examples, pruner_type, compensation, calibration_batch_size)
@@ -89,6 +95,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
             removed = choose_by_budget(model, targets, scores, max(0, budget), round_to)
         else:
             removed = choose(targets, scores, ratio, global_pruning, round_to, original)
+        _warn_rounding(targets, removed, round_to)
         plan = make_plan(model, targets, removed)
         logger.info("step %d/%d (ratio %.3f):\n%s", step, iterative_steps, ratio, plan.describe())
         deltas = compensate(model, plan, stats or {}, compensation, ridge)
@@ -112,6 +119,32 @@ def _check(ratio, steps, pruner_type, param_budget, examples, compensation) -> N
     needs_data = pruner_type in ACTIVATION_PRUNERS + ("taylor",) or compensation not in ("none", None)
     if needs_data and examples is None:
         raise ValueError(f"--pruner_type {pruner_type} / --compensation {compensation} need calibration examples")
+
+
+def _check_round_to(targets, round_to: int) -> None:
+    """A multiple of ``round_to`` at least as wide as a family keeps all of it: refuse, naming the width."""
+    for fam in targets:
+        per_unit = fam.members[0].indices.shape[1]  # channels per unit (1 for MLP/hidden, rows of a head)
+        width = fam.n_units * per_unit
+        if 1 < round_to and per_unit < round_to and width <= round_to:
+            where = "the hidden size" if fam.layer is None else f"layer {fam.layer}'s {fam.kind}"
+            raise ValueError(f"--round_to {round_to}: {where} has only {width} channels, so a multiple of "
+                             f"{round_to} keeps them all and prunes nothing; use a --round_to below {width} "
+                             f"(or leave that layer out of the --block_*_layer ranges)")
+
+
+def _warn_rounding(targets, removed: dict[str, list[int]], round_to: int) -> None:
+    """Warn about pruned families whose kept channels are not a multiple (never about untouched ones)."""
+    if round_to <= 1:
+        return
+    for fam in targets:
+        if not removed.get(fam.key):
+            continue
+        kept = (fam.n_units - len(removed[fam.key])) * fam.members[0].indices.shape[1]
+        if kept % round_to:
+            logger.warning("%s keeps %d %s channels: not a multiple of --round_to %d (its units are %d wide)",
+                           "model" if fam.layer is None else f"layer {fam.layer}", kept, fam.kind, round_to,
+                           fam.members[0].indices.shape[1])
 
 
 def _apply(model: nn.Module, plan: PruningPlan, result: PruneResult) -> None:

@@ -180,9 +180,10 @@ def test_bad_round_to():
         save_pruned(tiny_model(), None, "/nonexistent/never-written", round_to=0)
 
 
-def test_round_to_is_recorded_and_checked(tmp_path, caplog):
+def test_round_to_is_recorded_and_not_warned_about_at_save(tmp_path, caplog):
+    """The saver cannot tell pruned layers from untouched ones (stories260K's unpruned 172-wide MLPs used
+    to draw "not a multiple of round_to" warnings): rounding is checked where the plan is chosen."""
     model = block_wise(tiny_model())  # MLP widths 24, 48, 16
     folder = save_pruned(model, None, tmp_path / "ckpt", round_to=16)
     assert json.loads((folder / "pruning.json").read_text())["round_to"] == 16
-    assert "layer 0 keeps 24 MLP channels: not a multiple of round_to=16" in caplog.text
-    assert "layer 1" not in caplog.text and "layer 2" not in caplog.text
+    assert "multiple" not in caplog.text

@@ -42,14 +42,15 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
     """Write ``model`` and ``tokenizer`` to ``folder`` atomically; returns the folder.
 
     ``provenance`` (base model, flags, parameter counts, ...) is stored in ``pruning.json`` as given.
-    ``round_to`` is only recorded and checked (a warning for MLP widths that are not multiples of it):
-    rounding itself happens when the pruning plan is selected (``LLMPruner.select``).
+    ``round_to`` is only recorded: rounding happens when the pruning plan is selected (``LLMPruner.select``),
+    which also warns about the pruned layers it could not round (the saver cannot tell a pruned layer from
+    one that was left alone, whose width need not be a multiple).
     """
     folder = Path(folder)
     adapter = get_adapter(model)
     structure = adapter.update_config(model)  # the config always describes the weights being written
-    if round_to is not None:
-        _check_rounding(structure, round_to)
+    if round_to is not None and round_to < 1:
+        raise ValueError(f"round_to={round_to}: must be a positive integer (e.g. 8 or 64)")
     model_type = model.config.model_type
     remote = model_type in modeling_pruned.PRUNED_CLASSES
     if getattr(model.config, "layer_shapes", None) and not remote:
@@ -129,15 +130,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _check_rounding(structure, round_to: int) -> None:
-    if round_to < 1:
-        raise ValueError(f"round_to={round_to}: must be a positive integer (e.g. 8 or 64)")
-    for i, s in enumerate(structure.layers):
-        if s.intermediate_size % round_to:
-            logger.warning("layer %d keeps %d MLP channels: not a multiple of round_to=%d",
-                           i, s.intermediate_size, round_to)
 
 
 def _jsonable(value):
