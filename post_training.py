@@ -21,7 +21,8 @@ from LLMPruner.adapters import get_adapter
 from LLMPruner.checkpoint import load_model
 from LLMPruner.evaluate.ppl import evaluate_ppl
 from LLMPruner.recover import (RecoveryConfig, build_instruction_datasets, build_text_eval_dataset,
-                               build_trainer, default_dtype, merge_adapter, save_merged)
+                               build_trainer, default_dtype, last_complete_checkpoint, merge_adapter,
+                               reporting_disk_full, save_merged)
 
 logger = logging.getLogger("post_training")
 
@@ -132,22 +133,27 @@ def main(argv=None) -> dict:
     # 3. LoRA + Trainer
     trainer = build_trainer(model, tokenizer, train, evals, recovery_config(args, targets))
     resume = args.resume_from_checkpoint
-    result = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    if resume == "last":  # the newest *complete* checkpoint-N (Trainer's own pick may be a truncated one)
+        resume = last_complete_checkpoint(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
     report.update(train_loss=result.training_loss, global_step=trainer.state.global_step,
                   best_checkpoint=trainer.state.best_model_checkpoint)
 
     # 4. adapter (best by validation loss when there is one), merged model, report
     if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(os.path.join(args.output_dir, "adapter"))
-        tokenizer.save_pretrained(os.path.join(args.output_dir, "adapter"))
+        with reporting_disk_full(os.path.join(args.output_dir, "adapter")):
+            trainer.model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+            tokenizer.save_pretrained(os.path.join(args.output_dir, "adapter"))
         peft_model = trainer.model.float()
         if ppl_sets:
             report["ppl_after"] = evaluate_ppl(peft_model, tokenizer, ppl_sets, args.eval_seq_len,
                                                data_dir=args.data_dir)
         if args.merge:
-            report["merged"] = str(save_merged(peft_model, tokenizer, os.path.join(args.output_dir, "merged"),
-                                               dtype=load_dtype))  # merged in fp32, saved in the model's dtype
-        with open(os.path.join(args.output_dir, "recovery_report.json"), "w") as f:
+            with reporting_disk_full(os.path.join(args.output_dir, "merged")):
+                report["merged"] = str(save_merged(peft_model, tokenizer, os.path.join(args.output_dir, "merged"),
+                                                   dtype=load_dtype))  # merged in fp32, saved in the model's dtype
+        with reporting_disk_full(args.output_dir), \
+                open(os.path.join(args.output_dir, "recovery_report.json"), "w") as f:
             json.dump(report, f, indent=2)
         logger.info("done: %s", json.dumps(report))
     return report

@@ -9,10 +9,11 @@ from .data import (IGNORE_INDEX, DataFormatError, build_instruction_datasets, bu
                    load_instruction_records, tokenize_example)
 from .merge import merge_adapter, merge_lora, save_merged
 from .prompts import TEMPLATES, Prompter
-from .train import (RecoveryConfig, TrainingDivergedError, build_trainer, default_dtype,
-                    gradient_accumulation_steps, wrap_lora)
+from .train import (DiskFullError, RecoveryConfig, TrainingDivergedError, build_trainer, default_dtype,
+                    gradient_accumulation_steps, last_complete_checkpoint, reporting_disk_full, wrap_lora)
 
-__all__ = ["IGNORE_INDEX", "DataFormatError", "Prompter", "RecoveryConfig", "TEMPLATES",
+__all__ = ["IGNORE_INDEX", "DataFormatError", "DiskFullError", "last_complete_checkpoint", "reporting_disk_full",
+           "Prompter", "RecoveryConfig", "TEMPLATES",
            "TrainingDivergedError", "build_instruction_datasets", "build_text_eval_dataset", "build_trainer",
            "default_dtype", "gradient_accumulation_steps", "load_instruction_records", "merge_adapter",
            "merge_lora", "save_merged", "tokenize_example", "wrap_lora"]

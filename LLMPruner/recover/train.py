@@ -7,10 +7,16 @@ launcher and ``TrainingArguments``; gradient accumulation is derived from batch 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import logging
 import math
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -25,6 +31,95 @@ TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.fl
 
 class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk is full; the message names the folder and the free bytes."""
+
+
+#: what every resumable checkpoint-N holds; ``trainer_state.json`` is the Trainer's last write
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # DeepSpeed/FSDP: global_step*/ or optimizer_0/ folders
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why ``folder`` (a Trainer ``checkpoint-N``) cannot be resumed from, or None when it is complete."""
+    folder = Path(folder)
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"trainer_state.json is truncated or corrupt ({err})"
+    adapters = [folder / n for n in ADAPTER_FILES if (folder / n).is_file()]
+    if not adapters:
+        return f"no adapter weights (one of {', '.join(ADAPTER_FILES)})"
+    if any(a.stat().st_size == 0 for a in adapters):
+        return f"{adapters[0].name} is empty"
+    sharded = any(folder.glob("global_step*")) or any(folder.glob("optimizer_0*"))
+    optimizer = [folder / n for n in OPTIMIZER_FILES if (folder / n).is_file()]
+    if not optimizer and not sharded:
+        return f"no optimizer state ({' or '.join(OPTIMIZER_FILES)})"
+    if any(o.stat().st_size == 0 for o in optimizer):
+        return f"{optimizer[0].name} is empty"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str:
+    """The newest complete ``checkpoint-N`` in ``output_dir`` (``--resume_from_checkpoint last``).
+
+    Newer folders that an interrupted or disk-full write left incomplete are skipped, each logged with
+    what it lacks; an error lists them when no complete checkpoint exists.
+    """
+    output_dir = Path(output_dir)
+    found = sorted((int(m.group(1)), p) for p in (output_dir.iterdir() if output_dir.is_dir() else [])
+                   if p.is_dir() and (m := _CHECKPOINT.match(p.name)))
+    skipped = []
+    for _, folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if skipped:
+                logger.warning("resuming from %s, the newest complete checkpoint", folder)
+            return str(folder)
+        logger.warning("skipping %s: incomplete (%s): an interrupted or disk-full write?", folder, problem)
+        skipped.append(f"{folder.name} ({problem})")
+    raise FileNotFoundError(f"--resume_from_checkpoint last: no complete checkpoint-N folder in {output_dir}"
+                            + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+                            + " (pass a checkpoint folder, or leave the flag out to start afresh)")
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True  # torch.save reports "file write failed", safetensors "StorageFull": both wrap ENOSPC
+    text = str(err)
+    return any(s in text for s in ("No space left on device", "StorageFull", "file write failed"))
+
+
+def disk_full_error(folder: str | Path, err: BaseException) -> DiskFullError:
+    """A DiskFullError naming ``folder`` and the bytes still free on its disk."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return DiskFullError(errno.ENOSPC, f"the disk is full: writing {folder} failed ({err}); {free} bytes free "
+                                       f"on the disk of {probe}. Free some space or pass an --output_dir on a "
+                                       "larger disk, then rerun with --resume_from_checkpoint last (incomplete "
+                                       "checkpoints are skipped)")
+
+
+@contextlib.contextmanager
+def reporting_disk_full(folder: str | Path):
+    """Turn a disk-full error of any writer (torch, safetensors, json) inside the block into DiskFullError."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if _is_disk_full(err):
+            raise disk_full_error(folder, err) from err
+        raise
 
 
 def default_dtype(device: str) -> DType:
@@ -134,6 +229,11 @@ def _trainer_class():
                     f"fp16 overflows easily on LLaMA-2 and pruned models: use --dtype bf16 or --dtype fp32, "
                     f"or lower --learning_rate")
             return loss
+
+        def _save_checkpoint(self, model, trial):
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            with reporting_disk_full(folder):
+                return super()._save_checkpoint(model, trial)
 
     return RecoveryTrainer
 
