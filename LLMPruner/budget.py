@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .graph import Family
+from .select import channels_per_unit
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _round(families, scores, removed, round_to):
     """Round each family's kept channels to a multiple of ``round_to`` (nearest; never below one step)."""
     out = {}
     for fam in families:
-        per_unit = fam.members[0].indices.shape[1]
+        per_unit = channels_per_unit(fam)
         step = max(1, round_to // per_unit) if per_unit < round_to else 1
         keep = fam.n_units - len(removed[fam.key])
         target = min(fam.n_units, max(step, int(round(keep / step)) * step))

@@ -27,7 +27,7 @@ from .depth import LayerImportance, choose_layers
 from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
 from .graph import discover
 from .plan import PruningPlan
-from .select import choose, make_plan
+from .select import channels_per_unit, choose, make_plan
 from .shrink import apply_plan
 from .structure import ModelStructure
 
@@ -124,7 +124,7 @@ def _check(ratio, steps, pruner_type, param_budget, examples, compensation) -> N
 def _check_round_to(targets, round_to: int) -> None:
     """A multiple of ``round_to`` at least as wide as a family keeps all of it: refuse, naming the width."""
     for fam in targets:
-        per_unit = fam.members[0].indices.shape[1]  # channels per unit (1 for MLP/hidden, rows of a head)
+        per_unit = channels_per_unit(fam)  # 1 for MLP/hidden, a KV group's query rows for attention
         width = fam.n_units * per_unit
         if 1 < round_to and per_unit < round_to and width <= round_to:
             where = "the hidden size" if fam.layer is None else f"layer {fam.layer}'s {fam.kind}"
@@ -140,11 +140,11 @@ def _warn_rounding(targets, removed: dict[str, list[int]], round_to: int) -> Non
     for fam in targets:
         if not removed.get(fam.key):
             continue
-        kept = (fam.n_units - len(removed[fam.key])) * fam.members[0].indices.shape[1]
+        kept = (fam.n_units - len(removed[fam.key])) * channels_per_unit(fam)
         if kept % round_to:
             logger.warning("%s keeps %d %s channels: not a multiple of --round_to %d (its units are %d wide)",
                            "model" if fam.layer is None else f"layer {fam.layer}", kept, fam.kind, round_to,
-                           fam.members[0].indices.shape[1])
+                           channels_per_unit(fam))
 
 
 def _apply(model: nn.Module, plan: PruningPlan, result: PruneResult) -> None:

@@ -17,6 +17,16 @@ from .plan import PruningPlan
 logger = logging.getLogger(__name__)
 
 
+def channels_per_unit(family: Family) -> int:
+    """Channels one unit spans where widths are counted (``--round_to``): the consumer's input columns,
+    e.g. o_proj's columns per KV group, down_proj's per MLP channel. Not the first member's rows: BLOOM's
+    first attention member is the one ALiBi slope per head, GLM/Phi-3's fused gate_up has two rows."""
+    for member in family.members:
+        if member.dim == 1:
+            return member.indices.shape[1]
+    return family.members[0].indices.shape[1]
+
+
 def kept_count(n: int, ratio: float, round_to: int = 1, channels_per_unit: int = 1) -> int:
     keep = max(1, int(n * (1.0 - ratio) + 1e-9))
     if round_to > 1 and channels_per_unit < round_to:
@@ -40,7 +50,7 @@ def choose(families: list[Family], scores: dict[str, torch.Tensor], ratio: float
     if not global_pruning:
         for fam in families:
             n0 = original.get(fam.key, fam.n_units)
-            keep = min(fam.n_units, kept_count(n0, ratio, round_to, fam.members[0].indices.shape[1]))
+            keep = min(fam.n_units, kept_count(n0, ratio, round_to, channels_per_unit(fam)))
             order = torch.argsort(scores[fam.key], stable=True)
             removed[fam.key] = sorted(order[: fam.n_units - keep].tolist())
         return removed

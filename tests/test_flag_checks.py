@@ -96,3 +96,18 @@ def test_cli_refuses_in_one_line_before_writing(tmp_path, flags, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "need calibration examples" not in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "prune_log" / "llama_prune").exists()
+
+
+@pytest.mark.parametrize("model_type, check", [
+    # GLM's fused gate_up_proj has two rows per MLP channel: rounding must count channels, not rows
+    ("glm", lambda m: [l.mlp.down_proj.in_features % 8 for l in m.model.layers] == [0, 0, 0]),
+    # BLOOM's first attention member is one ALiBi slope per head: a head is 8 channels, not 1, so
+    # --round_to 8 must still prune heads (it used to keep all 4 of them, silently)
+    ("bloom", lambda m: [b.self_attention.dense.in_features for b in m.transformer.h] == [16, 16, 16]),
+])
+def test_round_to_counts_channels_of_the_consumer(model_type, check):
+    from test_architectures import build
+    model = build(model_type)
+    prune(model, pruner_type="l2", pruning_ratio=0.5 if model_type == "bloom" else 0.25, round_to=8,
+          attention_layers=range(0, 3) if model_type == "bloom" else range(0), mlp_layers=range(0, 3))
+    assert check(model)
