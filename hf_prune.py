@@ -123,18 +123,21 @@ def main(argv=None) -> int:
     get_adapter(model)
     ranges = check_against_model(model, args)
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
-    run = start_log(args)
+    run, handler = start_log(args)
     try:
         results = prune_and_save(model, tokenizer, args, ranges, run.path)
         if args.save_model:  # the pruned model is safe before any evaluation (as in the reference)
             run.commit()
         evaluate_after(model, tokenizer, args, run.path, results)
+        if not run.committed:
+            run.commit()
     except BaseException:
-        run.abandon()
+        run.abandon()  # nothing to do once committed: the folder is then this run's, and says how far it got
         raise
-    if not run.committed:
-        run.commit()
-    logger.info("run folder %s", run.path)
+    finally:
+        logger.info("run folder %s", run.path)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
     return 0
 
 
@@ -235,7 +238,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_log(args) -> RunFolder:
+def start_log(args) -> tuple[RunFolder, logging.Handler]:
     run = RunFolder(Path(args.log_dir) / args.save_ckpt_log_name)
     log_dir = run.path
     (log_dir / "command.txt").write_text(" ".join([sys.executable] + sys.argv) + "\n")
@@ -245,7 +248,7 @@ def start_log(args) -> RunFolder:
     logging.getLogger().addHandler(handler)
     logger.info("run folder %s (written to %s until it succeeds); args %s", run.final, log_dir,
                 json.dumps(vars(args)))
-    return run
+    return run, handler
 
 
 def run_ppl(model, tokenizer, args, when: str) -> dict[str, float]:
