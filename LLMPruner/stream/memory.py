@@ -69,3 +69,17 @@ def stage(name: str, device: torch.device | str, peaks: dict | None = None):
         logger.info("stage %-22s %7.2f s, peak host RSS %8.1f MB%s, peak device %s", name, record["seconds"],
                     record["peak_host_rss_mb"], "" if reset else " (since start)",
                     "n/a (cpu)" if dev is None else f"{record['peak_device_mb']:.1f} MB")
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give freed blocks above 64 KiB back to the kernel at once (``mallopt(M_MMAP_THRESHOLD)``).
+
+    glibc's default threshold grows with every large block freed, after which layer-sized tensors come
+    from the heap and the heap's high-water mark stays in the resident set: streaming 30 layers would
+    then cost the host memory of several. Process-wide; a no-op off glibc. Returns whether it applied."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 16))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

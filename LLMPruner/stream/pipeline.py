@@ -27,7 +27,7 @@ from ..select import choose, make_plan
 from ..structure import ModelStructure
 from .apply import PassOptions, streamed_apply
 from .discover import discover_streamed
-from .memory import parse_memory, stage
+from .memory import parse_memory, return_freed_memory, stage
 from .states import StateStore
 from .taylor import streamed_taylor_scores
 from .weights import Part, SafetensorsSource, StateDictSource, WeightSource, layers_prefix, skeleton, \
@@ -42,6 +42,26 @@ class OffloadResult:
     structure: ModelStructure
     folder: Path | None = None
     peaks: dict = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+
+def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, allow_pickle: bool = False):
+    """``(folder or CPU model, tokenizer, config)`` for ``prune_offloaded``: a uniform safetensors folder is
+    streamed from disk; anything else (GGUF, Meta layout, a Hub id) is loaded once on the CPU, and its
+    CPU copy is the source (host memory, but never more than one layer on the device)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from ..checkpoint import load_model
+    from .weights import is_safetensors_folder
+    if is_safetensors_folder(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path)
+        if not getattr(config, "layer_shapes", None):
+            get_adapter(config)
+            return Path(name_or_path), AutoTokenizer.from_pretrained(name_or_path), config
+    logger.warning("--offload: %s is not a uniform safetensors folder; loading it once on the CPU and "
+                   "streaming layers from that copy", name_or_path)
+    model, tokenizer = load_model(name_or_path, device="cpu", dtype=dtype, allow_pickle=allow_pickle)
+    return model, tokenizer, model.config
 
 
 def open_model(model_or_folder: nn.Module | str | Path) -> tuple[nn.Module, WeightSource]:
@@ -68,8 +88,10 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
         raise ValueError(f"--offload with mode {mode!r}: choose block_wise or channel_wise "
                          "(--layer_wise keeps whole layers: prune without --offload)")
     peaks: dict = {}
+    return_freed_memory()
     with stage("discover", device, peaks):
         model, source = open_model(model_or_folder)
+        params_before = sum(p.numel() for p in model.parameters())
         targets = _targets(discover_streamed(model).families, mode, attention_layers, mlp_layers, param_budget)
         _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", device)
     opts = PassOptions(device=device, dtype=dtype, batch_size=calibration_batch_size, compensation=compensation,
@@ -112,7 +134,8 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    return OffloadResult(plan=plan, structure=structure, folder=folder, peaks=peaks)
+    return OffloadResult(plan=plan, structure=structure, folder=folder, peaks=peaks, params_before=params_before,
+                         params_after=sum(p.numel() for p in model.parameters()))
 
 
 def _scores(model, source, targets, pruner_type, taylor, grouping, examples, seed, opts, to_disk):

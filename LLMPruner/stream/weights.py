@@ -10,6 +10,7 @@ embedding) are loaded once and assigned to every owner, as in the in-memory mode
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -30,22 +31,47 @@ class WeightSource:
 
 
 class SafetensorsSource(WeightSource):
-    """The ``model*.safetensors`` files of a Hugging Face folder, memory-mapped, read tensor by tensor."""
+    """The ``model*.safetensors`` files of a Hugging Face folder, read tensor by tensor.
+
+    Each tensor is read with ``readinto`` at its offset (the safetensors header gives it) into a fresh
+    tensor, not memory-mapped: pages of a mapping stay in the process's resident set for as long as
+    the mapping lives, which would make host memory grow to the whole checkpoint."""
+
+    _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
 
     def __init__(self, folder: str | Path) -> None:
-        from safetensors import safe_open
         self.folder = Path(folder)
         files = sorted(self.folder.glob("model*.safetensors"))
         if not files:
             raise FileNotFoundError(f"--offload: {self.folder} has no model*.safetensors file to stream from")
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._where: dict[str, tuple[Path, int, str, list[int], int]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    start, end = info["data_offsets"]
+                    self._where[name] = (f, 8 + size + start, info["dtype"], info["shape"], end - start)
 
     def keys(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+        path, offset, dtype, shape, nbytes = self._where[name]
+        if dtype not in self._DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, which streaming does not read")
+        t = torch.empty(shape, dtype=self._DTYPES[dtype])
+        buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+        assert buf is None or buf.nbytes == nbytes, (name, buf.nbytes, nbytes)
+        if buf is not None:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                got = fh.readinto(memoryview(buf))
+            assert got == nbytes, f"{path}: {name!r} truncated ({got} of {nbytes} bytes)"
+        return t
 
 
 class StateDictSource(WeightSource):
