@@ -93,7 +93,7 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
         model, source = open_model(model_or_folder)
         params_before = sum(p.numel() for p in model.parameters())
         targets = _targets(discover_streamed(model).families, mode, attention_layers, mlp_layers, param_budget)
-        _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", device)
+        _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device)
     opts = PassOptions(device=device, dtype=dtype, batch_size=calibration_batch_size, compensation=compensation,
                        ridge=ridge, sequential=sequential, grouping=grouping_strategy)
     width = pruning_ratio if param_budget is None else param_budget
@@ -175,19 +175,21 @@ def streamed_magnitude_scores(model, source, targets, p: int, opts: PassOptions)
     return out
 
 
-def _check_memory(model, max_memory, dtype, examples, with_grad: bool, device) -> None:
-    """The largest part (x2 with gradients) plus one batch of boundary states must fit ``--max_memory``."""
+def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device) -> None:
+    """The largest part (x2 where it takes gradients: the layers under Taylor, the embeddings/head only when
+    the hidden size is scored) plus a few copies of the boundary states must fit ``--max_memory``."""
     layers = get_adapter(model).decoder_layers(model)
     prefix = layers_prefix(model, layers)
     elem = torch.finfo(dtype).bits // 8 if dtype is not None else 4
     sizes = {}
     for i in [None] + list(range(len(layers))):
         part = Part(model, prefix, i)
-        sizes[part.name] = sum(model.get_parameter(n).numel() for n in part.names) * elem
+        grads = 2 if with_grad and (i is not None or outer_scored) else 1
+        sizes[part.name] = sum(model.get_parameter(n).numel() for n in part.names) * elem * grads
     largest = max(sizes, key=sizes.get)
     states = 0 if examples is None else examples.numel() * model.config.hidden_size * elem
-    need = sizes[largest] * (2 if with_grad else 1) + 4 * states
-    logger.info("offload: largest part %s %.1f MB; boundary states %.1f MB each; about %.1f MB on %s per stage",
+    need = sizes[largest] + 4 * states
+    logger.info("offload: largest part %s %.1f MB (with its gradients); boundary states %.1f MB each; about %.1f MB on %s per stage",
                 largest, sizes[largest] / 2**20, states / 2**20, need / 2**20, device)
     if max_memory is not None and need > parse_memory(max_memory):
         raise ValueError(f"--max_memory {max_memory}: one stage needs about {need / 1e9:.2f} GB on {device} "
