@@ -166,10 +166,11 @@ def test_stories260k_streamed_from_safetensors(stories_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_sequential_refit_is_never_worse_than_one_shot(stories_path, tmp_path):
-    """The same plan (Taylor / L2 scores), refit two ways: on the dense model's statistics (one-shot, as in
-    memory) or layer i on the outputs of the already pruned and refit layers 0..i-1 (sequential).
-    Calibration loss of the saved models: sequential is never worse."""
+def test_sequential_refit_beats_one_shot_at_half_width(stories_path, tmp_path):
+    """The same plan (Taylor / L2 scores, 50 % of the MLP channels and heads), refit two ways: on the dense
+    model's statistics (one-shot, as in memory) or layer i on the outputs of the already pruned and refit
+    layers 0..i-1 (sequential). Calibration loss of the saved models: sequential is lower here (measured
+    by bench/offload_sequential.py; at 25 % with Taylor scores the two are within 0.2 %, not ordered)."""
     from LLMPruner import load_model
     from LLMPruner.data.calibration import calibration_examples
     _, tokenizer = load_model(stories_path)
