@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import logging
 
-import torch
 import torch.nn as nn
 
 from ..adapters import get_adapter

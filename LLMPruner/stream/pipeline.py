@@ -189,8 +189,9 @@ def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_sco
     largest = max(sizes, key=sizes.get)
     states = 0 if examples is None else examples.numel() * model.config.hidden_size * elem
     need = sizes[largest] + 4 * states
-    logger.info("offload: largest part %s %.1f MB (with its gradients); boundary states %.1f MB each; about %.1f MB on %s per stage",
-                largest, sizes[largest] / 2**20, states / 2**20, need / 2**20, device)
+    logger.info("offload: largest part %s %.1f MB%s; boundary states %.1f MB each; about %.1f MB on %s per stage",
+                largest, sizes[largest] / 2**20, " (gradients included)" if with_grad else "", states / 2**20,
+                need / 2**20, device)
     if max_memory is not None and need > parse_memory(max_memory):
         raise ValueError(f"--max_memory {max_memory}: one stage needs about {need / 1e9:.2f} GB on {device} "
                          f"(the largest part, {largest}, is {sizes[largest] / 1e9:.2f} GB); raise --max_memory, "
