@@ -265,6 +265,8 @@ def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         for flag in ("offload_states_to_disk", "offload_sequential"):
             if getattr(args, flag):
                 p.error(f"--{flag} needs --offload")
+        if args.max_memory is not None and args.device_map is None:
+            p.error(f"--max_memory {args.max_memory} needs --offload or --device_map")
         return
     unsupported = {"--device_map": args.device_map is not None, "--layer_wise": args.layer_wise,
                    "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,

@@ -58,6 +58,7 @@ def test_offload_and_device_map_runs_equal_the_in_memory_run(tmp_path):
     (["--offload", "--max_memory", "lots"], "--max_memory 'lots': expected a size such as 8GB"),
     (["--device_map", "gpu-please"], "--device_map 'gpu-please': choose auto"),
     (["--offload_sequential"], "--offload_sequential needs --offload"),
+    (["--max_memory", "8GB"], "--max_memory 8GB needs --offload or --device_map"),
 ])
 def test_bad_offload_flags_are_one_clear_line(tmp_path, extra, message):
     model = need_shared("models", "stories260K")
