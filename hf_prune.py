@@ -37,6 +37,8 @@ from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, prune
 from LLMPruner.run_folder import RunFolder
 from LLMPruner.shrink import count_parameters
+from LLMPruner.stream.pipeline import open_source, prune_offloaded
+from LLMPruner.stream.placement import parse_device_map, place_model, unplace_model
 
 logger = logging.getLogger("hf_prune")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
            "only for files you trust (the model is converted to safetensors on --save_model)")
     a("--save_model", action="store_true", help="write the pruned model and tokenizer to the run's folder")
     a("--seed", type=int, default=42, help="random seed")
+    add_offload_args(p)
     args = p.parse_args(argv)
     if not (args.block_wise or args.channel_wise or args.layer_wise):
         args.block_wise = True  # the paper's main mode
@@ -111,17 +114,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--param_budget {args.param_budget}: must be in [0, 1)")
     if args.round_to < 1:
         p.error(f"--round_to {args.round_to}: must be >= 1")
+    check_offload_args(p, args)
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.offload:
+        return main_offload(args)
     # 1. load the model and check the flags against it (nothing is written before they are known good)
     set_seed(args.seed)
     model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
                                   allow_pickle=args.allow_pickle)
     get_adapter(model)
-    ranges = check_against_model(model, args)
+    ranges = check_against_model(model.config, args)
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
     run, handler = start_log(args)
     try:
@@ -154,7 +160,10 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     if needs_data and not args.layer_wise:  # --layer_wise keeps the first --layer layers: no data
         examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
                                         args.calibration_seq_len, args.seed)
-    model.to(args.device)
+    if args.device_map:
+        place_model(model, parse_device_map(args.device_map), args.max_memory)
+    else:
+        model.to(args.device)
     before = count_parameters(model)
     t0 = time.perf_counter()
     mode = "layer_wise" if args.layer_wise else "channel_wise" if args.channel_wise else "block_wise"
@@ -165,6 +174,8 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                    compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
                    **ranges)
+    if args.device_map:
+        unplace_model(model, args.device)
     after = count_parameters(model)
     results.update(params_before=before, params_after=after, ratio=after / before,
                    prune_seconds=round(time.perf_counter() - t0, 2), structure=result.structure.to_dict())
@@ -205,9 +216,9 @@ def write_results(log_dir: Path, results: dict) -> None:
     (log_dir / "results.json").write_text(json.dumps(results, indent=2))
 
 
-def check_against_model(model, args) -> dict[str, range]:
-    """Flags that only the loaded model can check; returns the layer ranges for ``prune``."""
-    n_layers = model.config.num_hidden_layers
+def check_against_model(config, args) -> dict[str, range]:
+    """Flags that only the loaded model's config can check; returns the layer ranges for ``prune``."""
+    n_layers = config.num_hidden_layers
     ranges = {}
     explicit = any(v is not None for v in (args.block_attention_layer_end, args.block_mlp_layer_end))
     if args.block_wise and (args.param_budget is None or explicit):
@@ -222,7 +233,7 @@ def check_against_model(model, args) -> dict[str, range]:
         raise ValueError(f"--compensation {args.compensation} does not apply to --layer_wise, which keeps the "
                          "first --layer decoder layers and changes no weights; drop it, or remove layers by "
                          "importance with --prune_layers N (which --compensation can follow)")
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(config, "max_position_embeddings", None)
     used = [("--calibration_seq_len", args.calibration_seq_len, not args.layer_wise),
             ("--max_seq_len", args.max_seq_len, args.test_before_train or args.test_after_train)]
     for flag, value, in_use in used:
@@ -275,6 +286,102 @@ def sample_generations(model, tokenizer, args) -> list[dict[str, str]]:
         logger.info("%s\n%s", text, "=" * 40)
         out.append({"prompt": prompt, "output": text})
     return out
+
+
+# --- larger than the machine: --offload (layer by layer) and --device_map (accelerate placement) -------------
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models larger than the device (docs/offload.md)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the weights on disk (the checkpoint's safetensors) and bring one decoder layer at a "
+                        "time to --device; the pruned model is written to the run folder shard by shard")
+    g.add_argument("--max_memory", default=None,
+                   help="device memory budget, e.g. 8GB: checked against one --offload stage; per GPU for "
+                        "--device_map auto")
+    g.add_argument("--device_map", default=None,
+                   help="in memory across devices (not with --offload): auto, balanced, sequential, a device, "
+                        "or a JSON module->device map (accelerate's big-model placement)")
+    g.add_argument("--offload_states_to_disk", action="store_true",
+                   help="with --offload: keep the boundary hidden states in temporary files instead of host memory")
+    g.add_argument("--offload_sequential", action="store_true",
+                   help="with --offload: score and compensate layer i on the outputs of the already pruned layers "
+                        "0..i-1 (default: statistics of the dense model, the same decisions as in memory)")
+
+
+def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from LLMPruner.stream.memory import parse_memory
+    if args.max_memory is not None:
+        try:
+            parse_memory(args.max_memory)
+        except ValueError as err:
+            p.error(str(err))
+    if args.device_map is not None:
+        try:
+            parse_device_map(args.device_map)
+        except ValueError as err:
+            p.error(str(err))
+    if not args.offload:
+        for flag in ("offload_states_to_disk", "offload_sequential"):
+            if getattr(args, flag):
+                p.error(f"--{flag} needs --offload")
+        if args.max_memory is not None and args.device_map is None:
+            p.error(f"--max_memory {args.max_memory} needs --offload or --device_map")
+        return
+    unsupported = {"--device_map": args.device_map is not None, "--layer_wise": args.layer_wise,
+                   "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,
+                   "--test_before_train": args.test_before_train}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        p.error(f"--offload cannot be combined with {', '.join(bad)} (they need the whole model in memory); "
+                "drop them or prune without --offload")
+
+
+def main_offload(args: argparse.Namespace) -> int:
+    """--offload: the run of ``main`` with the model never loaded whole; the checkpoint is always written."""
+    set_seed(args.seed)
+    model_or_folder, tokenizer, config = open_source(args.base_model, dtype=DTYPES[args.dtype],
+                                                     allow_pickle=args.allow_pickle)
+    ranges = check_against_model(config, args)
+    run, handler = start_log(args)
+    try:
+        results = offload_prune_and_save(model_or_folder, tokenizer, args, ranges, run.path)
+        run.commit()  # the checkpoint is always written under --offload: safe before any evaluation
+        if args.test_after_train:  # the pruned model, loaded from the folder just written
+            from LLMPruner.checkpoint import load_pruned
+            model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
+            evaluate_after(model, tokenizer, args, run.path, results)
+    except BaseException:
+        run.abandon()
+        raise
+    finally:
+        logger.info("run folder %s", run.path)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    return 0
+
+
+def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
+    examples = None
+    if args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none":
+        examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
+                                        args.calibration_seq_len, args.seed)
+    result = prune_offloaded(
+        model_or_folder, save_to=log_dir, tokenizer=tokenizer,
+        mode="channel_wise" if args.channel_wise else "block_wise", pruning_ratio=args.pruning_ratio,
+        pruner_type=args.pruner_type, taylor=args.taylor, grouping_strategy=args.grouping_strategy,
+        global_pruning=args.global_pruning, examples=examples, seed=args.seed, round_to=args.round_to,
+        param_budget=args.param_budget, compensation=args.compensation, ridge=args.ridge,
+        sequential=args.offload_sequential, calibration_batch_size=args.calibration_batch_size,
+        device=args.device, dtype=DTYPES[args.dtype], max_memory=args.max_memory,
+        offload_states_to_disk=args.offload_states_to_disk,
+        provenance={"base_model": args.base_model, "args": vars(args)}, **ranges)
+    results = {"base_model": args.base_model, "params_before": result.params_before,
+               "params_after": result.params_after, "ratio": result.params_after / result.params_before,
+               "structure": result.structure.to_dict(), "stages": result.peaks, "saved_model": True}
+    logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", result.params_before,
+                result.params_after, 100 * result.params_after / result.params_before)
+    (log_dir / "plan.json").write_text(json.dumps([result.plan.to_dict()]))
+    write_results(log_dir, results)
+    return results
 
 
 if __name__ == "__main__":

@@ -56,28 +56,28 @@ def consumers(model: nn.Module, families: list[Family]) -> dict[str, nn.Linear]:
     return out
 
 
+def input_stats_hook(stats: dict[str, InputStats], name: str, gram: bool = False):
+    """A forward pre-hook accumulating the statistics of a module's input into ``stats[name]``."""
+    def fn(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        s = stats.get(name)
+        if s is None:
+            d = x.shape[1]
+            s = stats[name] = InputStats(0, x.new_zeros(d), x.new_zeros(d), x.new_zeros(d, d) if gram else None)
+        s.count += x.shape[0]
+        s.total += x.sum(0)
+        s.sq_total += (x * x).sum(0)
+        if gram:
+            s.gram += x.T @ x
+    return fn
+
+
 @torch.no_grad()
 def collect_input_stats(model: nn.Module, targets: dict[str, nn.Linear], examples: torch.Tensor,
                         batch_size: int = 8, gram: bool = False) -> dict[str, InputStats]:
     """Stream ``examples`` ``[N, T]`` through ``model`` and accumulate input statistics of ``targets``."""
     stats: dict[str, InputStats] = {}
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            s = stats.get(name)
-            if s is None:
-                d = x.shape[1]
-                s = stats[name] = InputStats(0, x.new_zeros(d), x.new_zeros(d),
-                                             x.new_zeros(d, d) if gram else None)
-            s.count += x.shape[0]
-            s.total += x.sum(0)
-            s.sq_total += (x * x).sum(0)
-            if gram:
-                s.gram += x.T @ x
-        return fn
-
-    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in targets.items()]
+    handles = [mod.register_forward_pre_hook(input_stats_hook(stats, name, gram)) for name, mod in targets.items()]
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(examples), batch_size), desc="calibration statistics", leave=False):

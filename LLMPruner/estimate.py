@@ -53,7 +53,7 @@ def channel_reduce(salience: torch.Tensor, dim: int, abs_first: bool = True) -> 
     return (salience.sum(dim=other) if other else salience).abs()
 
 
-def _slots(families: list[Family]) -> dict[str, list[int]]:
+def slots_of(families: list[Family]) -> dict[str, list[int]]:
     needed: dict[str, list[int]] = {}
     for fam in families:
         for m in fam.members:
@@ -66,40 +66,63 @@ def _slots(families: list[Family]) -> dict[str, list[int]]:
 def magnitude_scores(model: nn.Module, families: list[Family], p: int) -> dict[Slot, torch.Tensor]:
     params = dict(model.named_parameters())
     return {(n, d): channel_reduce(params[n].detach().float().abs().pow(p), d)
-            for n, dims in _slots(families).items() for d in dims}
+            for n, dims in slots_of(families).items() for d in dims}
+
+
+class TaylorAccumulator:
+    """Turns each parameter's gradient into channel scores the moment it is complete.
+
+    ``add(name, w, g)`` in phase ``"fisher"`` takes one example's gradient (of that example's mean loss),
+    in phase ``"grad"`` the gradient of the calibration batch's mean loss; ``param_mix`` needs every
+    fisher contribution of a parameter before its batch gradient. Shared by the in-memory path (post-
+    accumulate-grad hooks) and the layer-streamed one (``LLMPruner.stream.taylor``).
+    """
+
+    def __init__(self, needed: dict[str, list[int]], mode: TaylorMode, n_examples: int) -> None:
+        self.needed, self.mode, self.n = needed, mode, n_examples
+        self.phase = "grad"
+        self.scores: dict[Slot, torch.Tensor] = {}
+        self.fisher: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, w: torch.Tensor, g: torch.Tensor) -> None:
+        w, g, n, mode = w.detach().float(), g.detach().float(), self.n, self.mode
+        if self.phase == "fisher":
+            if mode == "param_second":  # linear in g^2: accumulate reductions, never the Fisher itself
+                for d in self.needed[name]:
+                    add = channel_reduce(0.5 * w * w * g * g / n, d)
+                    self.scores[(name, d)] = self.scores.get((name, d), 0) + add
+            else:
+                self.fisher[name] = self.fisher.get(name, 0) + g * g / n
+            return
+        if mode == "vectorize":
+            for d in self.needed[name]:
+                self.scores[(name, d)] = channel_reduce(w * g, d, abs_first=False)
+        elif mode == "param_first":
+            for d in self.needed[name]:
+                self.scores[(name, d)] = channel_reduce(w * g, d)
+        elif mode == "param_mix":
+            sal = w * g - 0.5 * w * self.fisher.pop(name) * w
+            for d in self.needed[name]:
+                self.scores[(name, d)] = channel_reduce(sal, d)
+
+    def result(self) -> dict[Slot, torch.Tensor]:
+        missing = [(n, d) for n, dims in self.needed.items() for d in dims if (n, d) not in self.scores]
+        assert not missing, f"no gradient reached {missing[:3]}"
+        return self.scores
 
 
 def taylor_scores(model: nn.Module, families: list[Family], examples: torch.Tensor,
                   mode: TaylorMode) -> dict[Slot, torch.Tensor]:
     """Channel scores from gradients of the language-model loss on ``examples`` ``[N, T]``."""
     params = dict(model.named_parameters())
-    needed = _slots(families)
-    scores: dict[Slot, torch.Tensor] = {}
-    fisher: dict[str, torch.Tensor] = {}
-    phase = {"name": "grad"}
+    needed = slots_of(families)
     n = examples.shape[0]
+    acc = TaylorAccumulator(needed, mode, n)
 
     def on_grad(name: str, p: torch.Tensor) -> None:
-        w, g = p.detach().float(), p.grad.detach().float()
+        g = p.grad
         p.grad = None  # free the gradient right away: scores are all we keep
-        if phase["name"] == "fisher":
-            if mode == "param_second":  # linear in g^2: accumulate reductions, never the Fisher itself
-                for d in needed[name]:
-                    add = channel_reduce(0.5 * w * w * g * g / n, d)
-                    scores[(name, d)] = scores.get((name, d), 0) + add
-            else:
-                fisher[name] = fisher.get(name, 0) + g * g / n
-            return
-        if mode == "vectorize":
-            for d in needed[name]:
-                scores[(name, d)] = channel_reduce(w * g, d, abs_first=False)
-        elif mode == "param_first":
-            for d in needed[name]:
-                scores[(name, d)] = channel_reduce(w * g, d)
-        elif mode == "param_mix":
-            sal = w * g - 0.5 * w * fisher.pop(name) * w
-            for d in needed[name]:
-                scores[(name, d)] = channel_reduce(sal, d)
+        acc.add(name, p, g)
 
     saved = {n: p.requires_grad for n, p in params.items()}
     handles = []
@@ -109,11 +132,11 @@ def taylor_scores(model: nn.Module, families: list[Family], examples: torch.Tens
             if name in needed:
                 handles.append(p.register_post_accumulate_grad_hook(lambda p, name=name: on_grad(name, p)))
         if mode in ("param_second", "param_mix"):
-            phase["name"] = "fisher"
+            acc.phase = "fisher"
             for i in tqdm(range(n), desc="fisher (per-example gradients)", leave=False):
                 _backward(model, examples[i:i + 1], f"example {i}")
         if mode != "param_second":
-            phase["name"] = "grad"
+            acc.phase = "grad"
             _backward(model, examples, "calibration batch")
     finally:
         for h in handles:
@@ -121,9 +144,7 @@ def taylor_scores(model: nn.Module, families: list[Family], examples: torch.Tens
         for name, p in params.items():
             p.requires_grad_(saved[name])
             p.grad = None
-    missing = [(n, d) for n, dims in needed.items() for d in dims if (n, d) not in scores]
-    assert not missing, f"no gradient reached {missing[:3]}"
-    return scores
+    return acc.result()
 
 
 def _backward(model: nn.Module, batch: torch.Tensor, what: str) -> None:

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,13 +39,17 @@ TMP_PREFIX = ".llmpruner-save-"
 
 
 def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dict | None = None, *,
-                max_shard_size: str | int = "5GB", round_to: int | None = None) -> Path:
+                max_shard_size: str | int = "5GB", round_to: int | None = None,
+                weights_writer: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` to ``folder`` atomically; returns the folder.
 
     ``provenance`` (base model, flags, parameter counts, ...) is stored in ``pruning.json`` as given.
     ``round_to`` is only recorded: rounding happens when the pruning plan is selected (``LLMPruner.select``),
     which also warns about the pruned layers it could not round (the saver cannot tell a pruned layer from
     one that was left alone, whose width need not be a multiple).
+    ``weights_writer(tmp)``, when given, writes the ``model*.safetensors`` files instead of
+    ``save_pretrained`` (the layer-streamed path: ``model`` is then a meta-device skeleton of the right
+    shapes and only its config and generation config are written from it).
     """
     folder = Path(folder)
     adapter = get_adapter(model)
@@ -61,7 +66,11 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if weights_writer is None:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        else:
+            _save_configs(model, tmp)
+            weights_writer(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text())
@@ -86,6 +95,15 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
                 "per-layer shapes, loads with trust_remote_code=True or load_pruned"
                 if getattr(model.config, "layer_shapes", None) else "stock config")
     return folder
+
+
+def _save_configs(model: nn.Module, tmp: Path) -> None:
+    """What ``save_pretrained`` writes besides the weights."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp)
+    if model.can_generate():
+        model.generation_config.save_pretrained(tmp)
 
 
 def _set_loading_route(config: dict, model_type: str, heterogeneous: bool, tmp: Path) -> None:

@@ -1,0 +1,198 @@
+"""``prune_offloaded``: discover -> score -> select -> (compensate) -> shrink -> save, one layer at a time.
+
+The same decisions as ``LLMPruner.prune.prune`` (the plan is built by the same ``choose`` /
+``choose_by_budget`` / ``make_plan`` from the same scores), computed without ever holding the model:
+weights come from the checkpoint's safetensors files (or a CPU copy) one decoder layer at a time, and
+the pruned model is written shard by shard into a ``save_pruned`` folder.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..adapters import get_adapter
+from ..budget import choose_by_budget, non_embedding_parameters
+from ..checkpoint import save_pruned
+from ..compensate import Compensation
+from ..estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
+from ..plan import PruningPlan
+from ..prune import ACTIVATION_PRUNERS, Mode, _check, _targets
+from ..select import choose, make_plan
+from ..structure import ModelStructure
+from .apply import PassOptions, streamed_apply
+from .discover import discover_streamed
+from .memory import parse_memory, return_freed_memory, stage
+from .states import StateStore
+from .taylor import streamed_taylor_scores
+from .weights import Part, SafetensorsSource, StateDictSource, WeightSource, layers_prefix, skeleton, \
+    skeleton_from_folder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OffloadResult:
+    plan: PruningPlan
+    structure: ModelStructure
+    folder: Path | None = None
+    peaks: dict = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+
+def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, allow_pickle: bool = False):
+    """``(folder or CPU model, tokenizer, config)`` for ``prune_offloaded``: a uniform safetensors folder is
+    streamed from disk; anything else (GGUF, Meta layout, a Hub id) is loaded once on the CPU, and its
+    CPU copy is the source (host memory, but never more than one layer on the device)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from ..checkpoint import load_model
+    from .weights import is_safetensors_folder
+    if is_safetensors_folder(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path)
+        if not getattr(config, "layer_shapes", None):
+            get_adapter(config)
+            return Path(name_or_path), AutoTokenizer.from_pretrained(name_or_path), config
+    logger.warning("--offload: %s is not a uniform safetensors folder; loading it once on the CPU and "
+                   "streaming layers from that copy", name_or_path)
+    model, tokenizer = load_model(name_or_path, device="cpu", dtype=dtype, allow_pickle=allow_pickle)
+    return model, tokenizer, model.config
+
+
+def open_model(model_or_folder: nn.Module | str | Path) -> tuple[nn.Module, WeightSource]:
+    """A meta-device skeleton and where its weights are: a safetensors folder, or a model's CPU copy."""
+    if isinstance(model_or_folder, nn.Module):
+        skel = skeleton(model_or_folder.config)
+        return skel, StateDictSource.of(model_or_folder)
+    return skeleton_from_folder(model_or_folder), SafetensorsSource(model_or_folder)
+
+
+def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | Path | None = None, tokenizer=None,
+                    mode: Mode = "block_wise", pruning_ratio: float = 0.5, pruner_type: str = "l2",
+                    taylor: TaylorMode = "param_first", grouping_strategy: Grouping = "sum",
+                    attention_layers: range | None = None, mlp_layers: range | None = None,
+                    global_pruning: bool = False, examples: torch.Tensor | None = None, seed: int = 0,
+                    round_to: int = 1, param_budget: float | None = None, compensation: Compensation = "none",
+                    ridge: float = 1e-3, sequential: bool = False, calibration_batch_size: int = 8,
+                    device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    max_memory: str | int | None = None, offload_states_to_disk: bool = False,
+                    provenance: dict | None = None) -> OffloadResult:
+    """Prune a model that is never loaded whole; with ``save_to``, write the pruned checkpoint there."""
+    _check(pruning_ratio, 1, pruner_type, param_budget, examples, compensation)
+    if mode not in ("block_wise", "channel_wise"):
+        raise ValueError(f"--offload with mode {mode!r}: choose block_wise or channel_wise "
+                         "(--layer_wise keeps whole layers: prune without --offload)")
+    peaks: dict = {}
+    return_freed_memory()
+    with stage("discover", device, peaks):
+        model, source = open_model(model_or_folder)
+        params_before = sum(p.numel() for p in model.parameters())
+        targets = _targets(discover_streamed(model).families, mode, attention_layers, mlp_layers, param_budget)
+        _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device)
+    opts = PassOptions(device=device, dtype=dtype, batch_size=calibration_batch_size, compensation=compensation,
+                       ridge=ridge, sequential=sequential, grouping=grouping_strategy)
+    width = pruning_ratio if param_budget is None else param_budget
+    per_layer = pruner_type in ACTIVATION_PRUNERS and not global_pruning and param_budget is None \
+        and mode == "block_wise"
+
+    def select(fams, scores):
+        if param_budget is not None:
+            return choose_by_budget(model, fams, scores, int(width * non_embedding_parameters(model)), round_to)
+        return choose(fams, scores, width, global_pruning, round_to)
+
+    plan = None
+    if targets and width > 0 and not per_layer:
+        with stage("score", device, peaks):
+            scores = _scores(model, source, targets, pruner_type, taylor, grouping_strategy, examples, seed + 1,
+                             opts, offload_states_to_disk)
+            plan = make_plan(model, targets, select(targets, scores))
+    elif not targets or width == 0:
+        plan = PruningPlan()
+    if save_to is not None:
+        Path(save_to).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".llmpruner-stream-", dir=save_to)) if save_to is not None else None
+    try:
+        from .writer import ShardWriter
+        writer = ShardWriter(staging, len(get_adapter(model).decoder_layers(model)) + 1) if staging else None
+        with stage("prune+write (layers)", device, peaks):
+            opts.metric = pruner_type if per_layer else None
+            plan = streamed_apply(model, source, targets, plan, writer, opts, examples=examples,
+                                  select=select if per_layer else None,
+                                  states=StateStore(offload_states_to_disk))
+        logger.info("offloaded plan:\n%s", plan.describe())
+        structure = get_adapter(model).update_config(model)
+        folder = None
+        if save_to is not None:
+            with stage("save", device, peaks):
+                folder = save_pruned(model, tokenizer, save_to, provenance, round_to=round_to if round_to > 1 else None,
+                                     weights_writer=writer.move_into)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return OffloadResult(plan=plan, structure=structure, folder=folder, peaks=peaks, params_before=params_before,
+                         params_after=sum(p.numel() for p in model.parameters()))
+
+
+def _scores(model, source, targets, pruner_type, taylor, grouping, examples, seed, opts, to_disk):
+    if pruner_type == "random":
+        return unit_scores(targets, None, grouping, seed)
+    if pruner_type in ("l1", "l2"):
+        return unit_scores(targets, streamed_magnitude_scores(model, source, targets, 1 if pruner_type == "l1" else 2,
+                                                              opts), grouping)
+    if pruner_type == "taylor":
+        channel = streamed_taylor_scores(model, source, targets, examples, taylor, device=opts.device,
+                                         dtype=opts.dtype, states=StateStore(to_disk))
+        return unit_scores(targets, channel, grouping)
+    channel: dict = {}
+    stats_opts = PassOptions(device=opts.device, dtype=opts.dtype, batch_size=opts.batch_size, metric=pruner_type,
+                             grouping=grouping)
+    streamed_apply(model, source, targets, PruningPlan(), None, stats_opts, examples=examples,
+                   states=StateStore(to_disk), collect=channel)
+    return unit_scores(targets, channel, grouping)
+
+
+def streamed_magnitude_scores(model, source, targets, p: int, opts: PassOptions) -> dict:
+    """``estimate.magnitude_scores``, one part at a time."""
+    layers = get_adapter(model).decoder_layers(model)
+    prefix = layers_prefix(model, layers)
+    needed = slots_of(targets)
+    out = {}
+    for i in [None] + list(range(len(layers))):
+        part = Part(model, prefix, i)
+        names = [n for n in part.names if n in needed]
+        if not names:
+            continue
+        part.load(source, opts.device, opts.dtype)
+        params = part.params()
+        out.update({(n, d): channel_reduce(params[n].detach().float().abs().pow(p), d) for n in names
+                    for d in needed[n]})
+        part.release()
+    return out
+
+
+def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device) -> None:
+    """The largest part (x2 where it takes gradients: the layers under Taylor, the embeddings/head only when
+    the hidden size is scored) plus a few copies of the boundary states must fit ``--max_memory``."""
+    layers = get_adapter(model).decoder_layers(model)
+    prefix = layers_prefix(model, layers)
+    elem = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    sizes = {}
+    for i in [None] + list(range(len(layers))):
+        part = Part(model, prefix, i)
+        grads = 2 if with_grad and (i is not None or outer_scored) else 1
+        sizes[part.name] = sum(model.get_parameter(n).numel() for n in part.names) * elem * grads
+    largest = max(sizes, key=sizes.get)
+    states = 0 if examples is None else examples.numel() * model.config.hidden_size * elem
+    need = sizes[largest] + 4 * states
+    logger.info("offload: largest part %s %.1f MB%s; boundary states %.1f MB each; about %.1f MB on %s per stage",
+                largest, sizes[largest] / 2**20, " (gradients included)" if with_grad else "", states / 2**20,
+                need / 2**20, device)
+    if max_memory is not None and need > parse_memory(max_memory):
+        raise ValueError(f"--max_memory {max_memory}: one stage needs about {need / 1e9:.2f} GB on {device} "
+                         f"(the largest part, {largest}, is {sizes[largest] / 1e9:.2f} GB); raise --max_memory, "
+                         "pick a smaller --dtype or fewer --num_examples")

@@ -1,0 +1,145 @@
+"""Peak host memory and wall time of in-memory vs offloaded (layer-streamed) pruning of SmolLM2-135M in fp32.
+
+    python bench/offload.py                          # converts ../shared's GGUF once to a temporary folder
+    python bench/offload.py --smollm2 /tmp/smollm2_fp32   # reuse an fp32 safetensors folder
+
+Each run is a fresh subprocess (its peak resident set, ``VmHWM``, is its own) doing the whole job: load
+(or open) the model, calibrate on the protocol's 10 x 64 tokens, score, select, shrink, save. Configurations:
+Taylor ``param_first``, and the best forward-only setting of the README (wanda + 20 % parameter budget +
+refit), each in memory and with ``--offload``; plus the offloaded sequential refit. An "empty" run
+measures the baseline: a process that only imports torch, transformers and LLMPruner. The saved weights
+of each offloaded run are compared with its in-memory twin, tensor by tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, SHARED, table
+
+GGUF = SHARED / "models" / "SmolLM2-135M-Instruct-Q4_1"
+PROTOCOL = SHARED / "data" / "smollm2_protocol.json"
+SETTINGS = {
+    "taylor": dict(pruner_type="taylor", taylor="param_first", pruning_ratio=0.25),
+    "wanda+budget+refit": dict(pruner_type="wanda", param_budget=0.2, compensation="refit"),
+}
+
+
+def peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def child(kind: str, setting: str, folder: str, out: str) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    import transformers  # noqa: F401  (the baseline imports what every run imports)
+    import LLMPruner
+    from LLMPruner.stream import pipeline  # noqa: F401
+    if kind == "empty":
+        return {"peak_mb": peak_mb(), "seconds": 0.0}
+    t0 = time.perf_counter()
+    examples = torch.tensor(json.loads(PROTOCOL.read_text())["calib"])
+    kw = dict(SETTINGS[setting])
+    if kw.get("param_budget") is None:
+        kw.update(attention_layers=range(3, 29), mlp_layers=range(3, 29))
+    if kind == "memory":
+        model, tokenizer = LLMPruner.load_model(folder, dtype=torch.float32)
+        LLMPruner.prune(model, examples=examples, **kw)
+        LLMPruner.save_pruned(model, tokenizer, out)
+    else:
+        from transformers import AutoTokenizer
+        pipeline.prune_offloaded(folder, save_to=out, tokenizer=AutoTokenizer.from_pretrained(folder),
+                                 examples=examples, sequential=kind == "offload-sequential", **kw)
+    return {"peak_mb": peak_mb(), "seconds": time.perf_counter() - t0}
+
+
+def run_child(kind: str, setting: str, folder: Path, out: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--setting", setting, "--smollm2", str(folder),
+                           "--out", str(out)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{kind}/{setting} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def max_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference of same-named tensors of two saved folders (one tensor at a time)."""
+    import torch
+    from safetensors import safe_open
+    def index(folder):
+        return {k: f for f in folder.glob("model*.safetensors") for k in safe_open(str(f), "pt").keys()}
+    ia, ib = index(a), index(b)
+    assert set(ia) == set(ib), set(ia) ^ set(ib)
+    worst = 0.0
+    for k in ia:
+        with safe_open(str(ia[k]), "pt") as fa, safe_open(str(ib[k]), "pt") as fb:
+            x, y = fa.get_tensor(k), fb.get_tensor(k)
+            assert x.shape == y.shape, k
+            worst = max(worst, (x - y).abs().max().item())
+    return worst
+
+
+def convert(tmp: Path) -> Path:
+    import torch
+    sys.path.insert(0, str(REPO))
+    import LLMPruner
+    model, tokenizer = LLMPruner.load_model(GGUF, dtype=torch.float32)
+    folder = tmp / "smollm2_fp32"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smollm2", default=None, help="an fp32 SmolLM2 safetensors folder (default: convert the GGUF)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--setting", default="taylor", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        sys.path.insert(0, str(REPO))
+        print(json.dumps(child(args.child, args.setting, args.smollm2, args.out)))
+        return
+    if not PROTOCOL.exists() or (args.smollm2 is None and not GGUF.exists()):
+        sys.exit(f"this benchmark needs {PROTOCOL} and {GGUF} (../shared), or --smollm2 FOLDER")
+    with tempfile.TemporaryDirectory(prefix="bench-offload-") as tmp:
+        tmp = Path(tmp)
+        folder = Path(args.smollm2) if args.smollm2 else convert(tmp)
+        config = json.loads((folder / "config.json").read_text())
+        weights = sum(f.stat().st_size for f in folder.glob("model*.safetensors")) / 2**20
+        n, t = 10, 64
+        states = (config["num_hidden_layers"] + 1) * n * t * config["hidden_size"] * 4 / 2**20
+        empty = run_child("empty", "taylor", folder, tmp / "empty")["peak_mb"]
+        rows = []
+        for setting in SETTINGS:
+            kinds = ["memory", "offload"] + (["offload-sequential"] if "refit" in setting else [])
+            res = {k: run_child(k, setting, folder, tmp / f"{setting}-{k}") for k in kinds}
+            for k in kinds:
+                r = res[k]
+                extra = r["peak_mb"] - empty
+                rows.append({"setting": setting, "run": k, "peak RSS MiB": r["peak_mb"], "minus empty MiB": extra,
+                             "x weights": extra / weights, "wall s": r["seconds"],
+                             "wall / in-memory": r["seconds"] / res["memory"]["seconds"],
+                             "max |diff| vs in-memory": "-" if k == "memory" else
+                             f"{max_diff(tmp / f'{setting}-memory', tmp / f'{setting}-{k}'):.2e}"
+                             + (" (other weights by design)" if k == "offload-sequential" else "")})
+    print(f"SmolLM2-135M fp32: weights {weights:.0f} MiB; boundary states (31 x 10 x 64 x 576 fp32) {states:.1f} MiB; "
+          f"empty process (torch + transformers + LLMPruner imported) {empty:.0f} MiB peak RSS")
+    print(f"goal: offloaded Taylor peak - empty <= 0.35 x weights + states = {0.35 * weights + states:.0f} MiB, "
+          "wall <= 2 x in-memory")
+    print(table(rows, ["setting", "run", "peak RSS MiB", "minus empty MiB", "x weights", "wall s", "wall / in-memory",
+                       "max |diff| vs in-memory"]))
+
+
+if __name__ == "__main__":
+    main()
