@@ -34,10 +34,12 @@ def parse_spec(text: str) -> CheckpointSpec:
     return CheckpointSpec(name=name or Path(rest).name or rest, model=model, lora=lora or None)
 
 
-def load_for_eval(spec: CheckpointSpec, device: str = "cpu", dtype: torch.dtype | str = "auto"):
-    """``(model, tokenizer)`` of a spec, with its LoRA adapter merged when given."""
+def load_for_eval(spec: CheckpointSpec, device: str = "cpu", dtype: torch.dtype | str = "auto", *,
+                  allow_pickle: bool = False):
+    """``(model, tokenizer)`` of a spec, with its LoRA adapter merged when given (``allow_pickle``: see
+    ``load_model``)."""
     from ..checkpoint import load_model
-    model, tokenizer = load_model(spec.model, device=device, dtype=dtype)
+    model, tokenizer = load_model(spec.model, device=device, dtype=dtype, allow_pickle=allow_pickle)
     if spec.lora:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, spec.lora).merge_and_unload()
