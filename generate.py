@@ -18,15 +18,12 @@ from LLMPruner import cli
 from LLMPruner.evaluate.generate import REFERENCE_PROMPTS, SamplingConfig, generate
 from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
 
-MODEL_TYPES = ("pretrain", "pruneLLM", "tune_prune_LLM")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Hugging Face id or folder (base or pruned)")
     p.add_argument("--lora", default=None, help="peft adapter folder to merge")
     ref = p.add_argument_group("the reference's flags (instead of --model/--lora)")
-    ref.add_argument("--model_type", choices=MODEL_TYPES, default=None,
+    ref.add_argument("--model_type", choices=cli.MODEL_TYPES, default=None,
                      help="pretrain: --base_model; pruneLLM: --ckpt; tune_prune_LLM: --ckpt + --lora_ckpt")
     ref.add_argument("--base_model", default=None, help="the model of --model_type pretrain")
     ref.add_argument("--ckpt", default=None, help="pruned model (folder, or the reference's pytorch_model.bin)")
@@ -53,9 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "CODE; only for files you trust")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    args.model, args.lora = resolve_model(args)
-    model_flag = {"pretrain": "--base_model", "pruneLLM": "--ckpt", "tune_prune_LLM": "--ckpt"}.get(
-        args.model_type, "--model")
+    args.model, args.lora, model_flag = cli.reference_model(args)
     cli.check_device("--device", args.device)
     cli.check_source(model_flag, args.model, "model", f"{model_flag} ../shared/models/stories260K")
     if args.lora is not None and not os.path.isdir(args.lora):
@@ -64,25 +59,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model_type and not (args.prompt or args.reference_prompts or args.interactive):
         args.web = True  # the reference's generate.py is the web page
     return args
-
-
-def resolve_model(args: argparse.Namespace) -> tuple[str, str | None]:
-    """``(model, lora)`` from ``--model/--lora`` or from the reference's ``--model_type`` flags."""
-    if args.model_type is None:
-        if args.model is None:
-            raise cli.UsageError("--model is required (a base or pruned model folder), or the reference's "
-                                 f"--model_type {{{','.join(MODEL_TYPES)}}} with --base_model/--ckpt")
-        return args.model, args.lora or args.lora_ckpt
-    if args.model is not None:
-        raise cli.UsageError(f"--model {args.model!r} and --model_type {args.model_type}: give one of them")
-    needs = {"pretrain": ("base_model",), "pruneLLM": ("ckpt",), "tune_prune_LLM": ("ckpt", "lora_ckpt")}
-    missing = [f"--{n}" for n in needs[args.model_type] if getattr(args, n) is None]
-    if missing:
-        raise cli.UsageError(f"--model_type {args.model_type}: needs {' and '.join(missing)}")
-    if args.model_type != "tune_prune_LLM" and args.lora_ckpt is not None:
-        raise cli.UsageError(f"--lora_ckpt {args.lora_ckpt!r}: only with --model_type tune_prune_LLM")
-    model = args.base_model if args.model_type == "pretrain" else args.ckpt
-    return model, args.lora_ckpt if args.model_type == "tune_prune_LLM" else None
 
 
 def main(argv=None) -> list[str]:

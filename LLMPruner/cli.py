@@ -153,7 +153,9 @@ def _offline_env() -> bool:
 
 
 def _why_offline() -> str:
-    return "HF_HUB_OFFLINE=1" if _offline_env() else "no network connection to huggingface.co"
+    if _REACHABLE is False:  # the probe failed (and then switched offline mode on)
+        return f"no network connection to {os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}"
+    return "HF_HUB_OFFLINE=1"
 
 
 def _go_offline() -> None:
@@ -176,6 +178,31 @@ def _in_hf_cache(name: str, kind: str) -> bool:
         return cache.is_dir() and any(key in p.name for p in cache.iterdir())
     except Exception:  # a broken cache is not this check's business
         return False
+
+
+#: the reference's generate.py / test_speedup.py ``--model_type`` values
+MODEL_TYPES = ("pretrain", "pruneLLM", "tune_prune_LLM")
+
+
+def reference_model(args) -> tuple[str, str | None, str]:
+    """``(model, lora, flag naming the model)`` from ``--model``/``--lora``, or from the reference's
+    ``--model_type`` with ``--base_model`` / ``--ckpt`` / ``--lora_ckpt`` (an argparse namespace)."""
+    if args.model_type is None:
+        if args.model is None:
+            raise UsageError("--model is required (a base or pruned model folder), or the reference's "
+                             f"--model_type {{{','.join(MODEL_TYPES)}}} with --base_model/--ckpt")
+        return args.model, getattr(args, "lora", None) or args.lora_ckpt, "--model"
+    if args.model is not None:
+        raise UsageError(f"--model {args.model!r} and --model_type {args.model_type}: give one of them")
+    needs = {"pretrain": ("base_model",), "pruneLLM": ("ckpt",), "tune_prune_LLM": ("ckpt", "lora_ckpt")}
+    missing = [f"--{n}" for n in needs[args.model_type] if getattr(args, n) is None]
+    if missing:
+        raise UsageError(f"--model_type {args.model_type}: needs {' and '.join(missing)}")
+    if args.model_type != "tune_prune_LLM" and args.lora_ckpt is not None:
+        raise UsageError(f"--lora_ckpt {args.lora_ckpt!r}: only with --model_type tune_prune_LLM")
+    if args.model_type == "pretrain":
+        return args.base_model, None, "--base_model"
+    return args.ckpt, args.lora_ckpt if args.model_type == "tune_prune_LLM" else None, "--ckpt"
 
 
 def explain(err: BaseException, argv: Sequence[str]) -> tuple[int, str]:
