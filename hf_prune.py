@@ -117,7 +117,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     cli.check_device("--device", args.device)
     cli.check_device("--eval_device", args.eval_device)
     for flag in ("max_seq_len", "calibration_seq_len", "eval_batch_size", "calibration_batch_size",
-                 "iterative_steps", "layer"):
+                 "iterative_steps"):
         cli.check_min(f"--{flag}", getattr(args, flag), 1)
     cli.check_min("--prune_layers", args.prune_layers, 0)
     cli.check_source("--base_model", args.base_model, "model", "--base_model ../shared/models/stories260K")
