@@ -14,7 +14,6 @@ the scripts' argument validation: they run before any model is loaded, so bad fl
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import socket
@@ -280,12 +279,3 @@ def run(main: Callable[[Sequence[str] | None], Any], prog: str, argv: Sequence[s
         sys.exit(status)
     sys.exit(result if isinstance(result, int) else 0)
 
-
-def load_json_arg(flag: str, path: str) -> Any:
-    """A JSON file given on the command line, or a UsageError naming the flag."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{flag} {path!r}: no such file") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{flag} {path!r}: not valid JSON ({err.msg} at line {err.lineno})") from None
