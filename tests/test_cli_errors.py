@@ -170,6 +170,11 @@ def test_every_data_file_problem_is_named(tmp_path, stories):
     status, _, err = run_cli("evaluate.py", ["--checkpoints", f"b={stories}", "--tasks", "", "--ppl",
                                              str(tmp_path / "missing.txt")])
     one_line_error(status, err, 2, "--ppl", "missing.txt", "nor a text file", prog="evaluate.py")
+    (tmp_path / "short.txt").write_text("Once upon a time.")
+    status, _, err = run_cli("evaluate.py", ["--checkpoints", f"b={stories}", "--tasks", "", "--ppl",
+                                             str(tmp_path / "short.txt"), "--no_stats", "--device", "cpu",
+                                             "--output_dir", str(tmp_path / "ev")])
+    one_line_error(status, err, 2, "--ppl", "short.txt", "fewer than one window of 128", prog="evaluate.py")
 
 
 def test_explain_sorts_failures_into_usage_and_runtime():

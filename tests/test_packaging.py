@@ -45,6 +45,22 @@ def test_console_commands_run_the_checkout_scripts():
         assert (entry_points.CHECKOUT / script).is_file()
 
 
+def test_evaluate_defaults_to_perplexity_only_without_lm_eval(monkeypatch, caplog, tmp_path):
+    import importlib.util
+
+    from cli_helpers import script
+    parse = script("evaluate.py").parse_args
+    argv = ["--checkpoints", f"b={REPO}", "--ppl", "--output_dir", str(tmp_path)]  # REPO: any existing path
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with caplog.at_level("WARNING"):
+        assert parse(argv).tasks == ""
+    assert "lm-eval is not installed: perplexity and statistics only" in caplog.text
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if real("lm_eval") is not None:
+        assert parse([*argv, "--zeroshot_dir", str(tmp_path)]).tasks.split(",")[0] == "boolq"
+
+
 @pytest.mark.slow
 def test_a_bench_script_and_an_installed_command_work_from_another_folder(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "bench" / "stats_stories.py"), "--help"], cwd=tmp_path,
