@@ -9,12 +9,15 @@ writes results/results.json (everything) and results/results.md (one table).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 
+from LLMPruner import cli
 from LLMPruner.evaluate.models import load_for_eval, parse_spec
-from LLMPruner.evaluate.ppl import PROTOCOLS, evaluate_ppl
+from LLMPruner.evaluate.ppl import PPL_DATASETS, PROTOCOLS, evaluate_ppl
 from LLMPruner.evaluate.report import markdown_table, write_report
 from LLMPruner.evaluate.stats import model_statistics
 from LLMPruner.evaluate.zeroshot import PAPER_TASKS, average, check_tasks, evaluate_zeroshot
@@ -28,7 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--ppl_protocol", choices=PROTOCOLS, default="reference")
     p.add_argument("--ppl_stride", type=int, default=None, help="sliding protocol stride (default seq/2)")
-    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval tasks, or ''")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated lm-eval tasks, or '' (default: {','.join(PAPER_TASKS)} when lm-eval "
+                        "is installed, else none: perplexity only)")
     p.add_argument("--zeroshot_dir", default=None, help="local task files (see docs/evaluation.md)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--zeroshot_max_length", type=int, default=None,
@@ -37,11 +42,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--no_stats", action="store_true", help="skip parameters/MACs/latency")
     p.add_argument("--no_latency", action="store_true", help="count parameters/MACs only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=cli.default_device(), help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
     p.add_argument("--output_dir", default="results")
     p.add_argument("--seed", type=int, default=42)
-    return p.parse_args(argv)
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="let a checkpoint be a reference LLM-Pruner pickle (pytorch_model.bin): this RUNS "
+                        "PICKLED CODE; only for files you trust")
+    cli.add_debug_flag(p)
+    args = p.parse_args(argv)
+    check_inputs(args)
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Flags checked before any model loads (the task names are checked in main, which needs lm-eval)."""
+    cli.check_device("--device", args.device)
+    for flag in ("max_seq_len", "limit", "batch_size", "ppl_stride", "zeroshot_max_length"):
+        cli.check_min(f"--{flag}", getattr(args, flag), 1)
+    if args.tasks is None:
+        lm_eval = importlib.util.find_spec("lm_eval") is not None
+        args.tasks = ",".join(PAPER_TASKS) if lm_eval else ""
+        if not lm_eval:
+            logging.getLogger("evaluate").warning(
+                "lm-eval is not installed: perplexity and statistics only (pip install -e .[eval] for the "
+                "zero-shot tasks)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if tasks:
+        check_tasks(tasks)  # "unknown task 'x'. Did you mean ...?" (lm-eval's index: ~10 s, once)
+    seen: dict[str, str] = {}
+    for text in args.checkpoints:
+        spec = parse_spec(text)
+        if spec.name in seen:
+            raise cli.UsageError(f"--checkpoints: {seen[spec.name]!r} and {text!r} are both named {spec.name!r}; "
+                                 "give each a distinct NAME= (e.g. base=... pruned=...)")
+        seen[spec.name] = text
+        cli.check_source("--checkpoints", spec.model, "model", "--checkpoints base=../shared/models/stories260K")
+    for folder, flag in ((args.data_dir, "--data_dir"), (args.zeroshot_dir, "--zeroshot_dir")):
+        if folder is not None and not Path(folder).is_dir():
+            raise cli.UsageError(f"{flag} {folder!r}: no such folder")
+    for name in args.ppl:
+        if name in PPL_DATASETS and args.data_dir is None:
+            cli.check_source("--ppl", name, "dataset", "--data_dir ../shared/data",
+                             hub_name=PPL_DATASETS[name][1])
+        elif name not in PPL_DATASETS and not Path(name).is_file():
+            raise cli.UsageError(f"--ppl {name!r}: neither {sorted(PPL_DATASETS)} nor a text file")
+    if tasks and args.zeroshot_dir is None and not cli.hub_reachable():
+        raise cli.UsageError(f"--tasks {args.tasks}: lm-eval downloads these from the Hugging Face Hub, which is "
+                             "unreachable; pass --zeroshot_dir ../shared/data/zeroshot (local task files) or "
+                             "--tasks ''")
+    cli.check_writable_dir("--output_dir", args.output_dir)
 
 
 def evaluate_one(model, tokenizer, args: argparse.Namespace, tasks: list[str]) -> dict:
@@ -64,15 +114,13 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    # 1. check everything cheap before loading any model
+    # 1. everything cheap was checked by parse_args, before loading any model
     specs = [parse_spec(s) for s in args.checkpoints]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if tasks:
-        check_tasks(tasks)
     # 2. evaluate each checkpoint in turn
     results = {}
     for spec in specs:
-        model, tokenizer = load_for_eval(spec, device=args.device, dtype=args.dtype)
+        model, tokenizer = load_for_eval(spec, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
         results[spec.name] = {"model": spec.model, "lora": spec.lora, **evaluate_one(model, tokenizer, args, tasks)}
         del model
     # 3. one table
@@ -83,4 +131,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "evaluate.py")

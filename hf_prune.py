@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter
-from LLMPruner.checkpoint import CheckpointError, load_model, save_pruned
+from LLMPruner import cli
+from LLMPruner.adapters import get_adapter
+from LLMPruner.checkpoint import load_model, save_pruned
 from LLMPruner.data.calibration import calibration_examples
 from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
-from LLMPruner.evaluate.ppl import evaluate_ppl
+from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, prune
 from LLMPruner.run_folder import RunFolder
@@ -85,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--calibration_data", default="bookcorpus",
       help="calibration text: 'bookcorpus' (Hub), another dataset name, or a local .txt/.jsonl/.json file")
     a("--calibration_seq_len", type=int, default=64, help="tokens per calibration sample")
-    a("--device", default="cuda", help="device for pruning")
-    a("--eval_device", default="cuda", help="device for perplexity and generation")
+    a("--device", default=cli.default_device(), help="device for pruning (default: cuda if available, else cpu)")
+    a("--eval_device", default=cli.default_device(), help="device for perplexity and generation")
     a("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype while pruning")
     a("--test_before_train", action="store_true", help="perplexity of the dense model first")
     a("--test_after_train", action="store_true", help="sample generations and perplexity after pruning")
@@ -103,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--save_model", action="store_true", help="write the pruned model and tokenizer to the run's folder")
     a("--seed", type=int, default=42, help="random seed")
     add_offload_args(p)
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     if not (args.block_wise or args.channel_wise or args.layer_wise):
         args.block_wise = True  # the paper's main mode
@@ -115,7 +117,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.round_to < 1:
         p.error(f"--round_to {args.round_to}: must be >= 1")
     check_offload_args(p, args)
+    check_inputs(args)
     return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Flags that name devices, sizes, files and Hub names, checked before anything loads."""
+    cli.check_device("--device", args.device)
+    cli.check_device("--eval_device", args.eval_device)
+    for flag in ("max_seq_len", "calibration_seq_len", "eval_batch_size", "calibration_batch_size",
+                 "iterative_steps"):
+        cli.check_min(f"--{flag}", getattr(args, flag), 1)
+    cli.check_min("--prune_layers", args.prune_layers, 0)
+    cli.check_source("--base_model", args.base_model, "model", "--base_model ../shared/models/stories260K")
+    needs_data = args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none" \
+        or args.prune_layers > 0
+    if needs_data and not args.layer_wise:
+        cli.check_source("--calibration_data", args.calibration_data, "dataset",
+                         "--calibration_data ../shared/data/c4/c4_demo.jsonl (a .txt/.jsonl/.json file)")
+    if args.eval_data_dir is not None and not Path(args.eval_data_dir).is_dir():
+        raise cli.UsageError(f"--eval_data_dir {args.eval_data_dir!r}: no such folder (expected one holding "
+                             "wikitext2/wiki.test.raw and ptb/ptb.valid.txt)")
+    if args.test_before_train or args.test_after_train:
+        for name in filter(None, args.ppl_datasets.split(",")):
+            if name in PPL_DATASETS and args.eval_data_dir is None:
+                cli.check_source("--ppl_datasets", name, "dataset", "--eval_data_dir ../shared/data",
+                                 hub_name=PPL_DATASETS[name][1])
+            elif name not in PPL_DATASETS and not Path(name).is_file():
+                raise cli.UsageError(f"--ppl_datasets {name!r}: neither {sorted(PPL_DATASETS)} nor a text file")
+    cli.check_writable_dir("--log_dir", args.log_dir)
 
 
 def main(argv=None) -> int:
@@ -386,10 +416,4 @@ def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_d
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, UnsupportedArchitectureError, FloatingPointError, KeyError,
-            CheckpointError) as err:
-        logger.debug("failed", exc_info=True)
-        print(f"hf_prune.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, "hf_prune.py")

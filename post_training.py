@@ -14,12 +14,14 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 
+from LLMPruner import cli
 from LLMPruner.adapters import get_adapter
 from LLMPruner.checkpoint import load_model
-from LLMPruner.evaluate.ppl import evaluate_ppl
+from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
 from LLMPruner.recover import (RecoveryConfig, build_instruction_datasets, build_text_eval_dataset,
                                build_trainer, default_dtype, last_complete_checkpoint, merge_adapter,
                                reporting_disk_full, save_merged)
@@ -51,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_target_modules", default=None,
                    help="comma-separated module names (default: every linear projection of the architecture)")
     p.add_argument("--train_on_inputs", action="store_true", help="also train on the prompt tokens")
-    p.add_argument("--add_eos_token", action=argparse.BooleanOptionalAction, default=True,
-                   help="append EOS to each example when it fits in --cutoff_len")
+    p.add_argument("--add_eos_token", action=argparse.BooleanOptionalAction, default=False,
+                   help="append EOS to each example when it fits in --cutoff_len (off, as in the reference)")
     p.add_argument("--group_by_length", action="store_true", help="batch examples of similar length")
     p.add_argument("--extra_val_dataset", default=None,
                    help="comma-separated wikitext2,ptb or text files; their loss is logged at each evaluation")
@@ -69,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb_project", default=None, help="log to Weights & Biases under this project")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="training precision (default: bf16 on capable GPUs, fp16 on older ones, fp32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default=cli.default_device(), help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=42, help="seed for data split, order, dropout and LoRA init")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (passed to TrainingArguments)")
     p.add_argument("--fsdp", default="", help="FSDP options, e.g. 'full_shard auto_wrap' (TrainingArguments)")
@@ -80,7 +82,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_ppl", default=None,
                    help="comma-separated wikitext2,ptb or text files: perplexity before and after")
     p.add_argument("--eval_seq_len", type=int, default=128, help="window length for --eval_ppl")
-    return p.parse_args(argv)
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="let --prune_model be a reference LLM-Pruner pickle (prune_log/X/pytorch_model.bin): "
+                        "this RUNS PICKLED CODE; only for files you trust")
+    cli.add_debug_flag(p)
+    args = p.parse_args(argv)
+    check_inputs(args)
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Devices, sizes, files and Hub names, checked before the model loads."""
+    cli.check_device("--device", args.device)
+    if args.num_epochs <= 0 and args.max_steps <= 0 and not args.merge_adapter:
+        raise cli.UsageError(f"--num_epochs {args.num_epochs}: must be > 0 (or give --max_steps N > 0)")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise cli.UsageError(f"--max_steps {args.max_steps}: must be > 0, or -1 to train for --num_epochs")
+    for flag in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r", "eval_steps", "save_steps",
+                 "logging_steps", "eval_seq_len", "save_total_limit"):
+        cli.check_min(f"--{flag}", getattr(args, flag), 1)
+    for flag in ("val_set_size", "warmup_steps"):
+        cli.check_min(f"--{flag}", getattr(args, flag), 0)
+    cli.check_min("--extra_val_max_windows", args.extra_val_max_windows, 1)
+    cli.check_source("--prune_model", args.prune_model, "model", "--prune_model prune_log/NAME (hf_prune.py's folder)")
+    if args.merge_adapter is not None:
+        if not Path(args.merge_adapter).is_dir():
+            raise cli.UsageError(f"--merge_adapter {args.merge_adapter!r}: no such adapter folder")
+    elif not looks_local_data(args.data_path):
+        cli.check_source("--data_path", args.data_path, "dataset",
+                         "--data_path ../shared/data/alpaca/alpaca_5000.json (Alpaca-schema .json/.jsonl or .txt)")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise cli.UsageError(f"--data_dir {args.data_dir!r}: no such folder (expected wikitext2/ and ptb/ in it)")
+    for flag in ("extra_val_dataset", "eval_ppl"):
+        for name in filter(None, (getattr(args, flag) or "").split(",")):
+            if name in PPL_DATASETS and args.data_dir is None:
+                cli.check_source(f"--{flag}", name, "dataset", "--data_dir ../shared/data",
+                                 hub_name=PPL_DATASETS[name][1])
+            elif name not in PPL_DATASETS and not Path(name).is_file():
+                raise cli.UsageError(f"--{flag} {name!r}: neither {sorted(PPL_DATASETS)} nor a text file")
+    cli.check_writable_dir("--output_dir", args.output_dir)
+
+
+def looks_local_data(path: str) -> bool:
+    """What ``load_instruction_records`` reads as a file (its own errors name a missing or bad one)."""
+    return Path(path).suffix in (".json", ".jsonl", ".txt") or Path(path).exists()
 
 
 def recovery_config(args: argparse.Namespace, target_modules: list[str]) -> RecoveryConfig:
@@ -102,7 +147,8 @@ def main(argv=None) -> dict:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.merge_adapter:
         return {"merged": str(merge_adapter(args.prune_model, args.merge_adapter,
-                                            os.path.join(args.output_dir, "merged")))}
+                                            os.path.join(args.output_dir, "merged"),
+                                            allow_pickle=args.allow_pickle))}
     if args.wandb_project:
         os.environ["WANDB_PROJECT"] = args.wandb_project
     from transformers import set_seed
@@ -111,7 +157,7 @@ def main(argv=None) -> dict:
     # 1. the (pruned) model, in the training dtype; the Trainer places it on the device
     dtype = args.dtype or default_dtype(args.device)
     load_dtype = torch.float32 if dtype == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model, tokenizer = load_model(args.prune_model, device="cpu", dtype=load_dtype)
+    model, tokenizer = load_model(args.prune_model, device="cpu", dtype=load_dtype, allow_pickle=args.allow_pickle)
     targets = args.lora_target_modules.split(",") if args.lora_target_modules else \
         list(get_adapter(model).lora_target_modules)
 
@@ -160,4 +206,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "post_training.py")

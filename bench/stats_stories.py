@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import common  # noqa: F401  (puts the checkout on sys.path: runnable from any folder)
 from LLMPruner.adapters import get_adapter
 from LLMPruner.evaluate.ppl import evaluate_ppl
 from LLMPruner.evaluate.report import write_report

@@ -59,7 +59,21 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingConfig = Sa
         torch.manual_seed(seed)
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)  # [1, T]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
-        outputs.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        outputs.append(continuation(tokenizer, out[0], ids.shape[1]))
         logger.debug("prompt %r -> %r", prompt, outputs[-1])
     model.train(was_training)
     return outputs
+
+
+def continuation(tokenizer, sequence: torch.Tensor, prompt_len: int) -> str:
+    """The text after the prompt, with the tokenizer's own spacing.
+
+    Decoding the new tokens alone loses the space a SentencePiece/Metaspace tokenizer attaches to a
+    word's first piece ("Once upon a time," + "there"), so the whole sequence is decoded and the
+    decoded prompt is cut off its front.
+    """
+    full = tokenizer.decode(sequence, skip_special_tokens=True)
+    prompt = tokenizer.decode(sequence[:prompt_len], skip_special_tokens=True)
+    if full.startswith(prompt):
+        return full[len(prompt):]
+    return tokenizer.decode(sequence[prompt_len:], skip_special_tokens=True)  # decoding is not prefix-stable

@@ -120,6 +120,9 @@ def evaluate_ppl(model, tokenizer, datasets: list[str], seq_len: int = 128, batc
     results = {}
     for name in datasets:
         ids = tokenizer(load_ppl_text(name, data_dir), return_tensors="pt").input_ids[0]
+        if ids.numel() < seq_len:
+            raise ValueError(f"perplexity text {name!r}: {ids.numel()} tokens, fewer than one window of "
+                             f"{seq_len}; give a longer text or a smaller sequence length")
         if protocol == "reference":
             results[name] = perplexity(model, ids, seq_len, batch_size, device, desc=f"ppl {name}")
         else:

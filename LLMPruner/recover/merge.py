@@ -37,13 +37,14 @@ def save_merged(peft_model, tokenizer, folder: str | Path, dtype: torch.dtype | 
     return path
 
 
-def merge_adapter(prune_model: str, adapter_dir: str, output_dir: str, device: str = "cpu") -> Path:
+def merge_adapter(prune_model: str, adapter_dir: str, output_dir: str, device: str = "cpu", *,
+                  allow_pickle: bool = False) -> Path:
     """Load a pruned model and a saved peft adapter, merge them, save the result (the stand-alone command)."""
     from peft import PeftModel
     adapter_path = Path(adapter_dir)
     if not (adapter_path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter_dir!r}: no adapter_config.json (expected a peft adapter "
                                 f"folder, e.g. OUTPUT_DIR/adapter or OUTPUT_DIR/checkpoint-N)")
-    model, tokenizer = load_model(prune_model, device=device, dtype=torch.float32)
+    model, tokenizer = load_model(prune_model, device=device, dtype=torch.float32, allow_pickle=allow_pickle)
     peft_model = PeftModel.from_pretrained(model, adapter_dir)
     return save_merged(peft_model, tokenizer, output_dir)
