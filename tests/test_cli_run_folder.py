@@ -36,6 +36,7 @@ def n_params(folder) -> int:
 def test_failing_evaluation_after_pruning_keeps_the_saved_model(tmp_path):
     """Item 2: the model is saved before --test_after_train evaluates (the reference's order)."""
     model = need_shared("models", "stories260K")
+    (tmp_path / "no_such_eval.txt").write_text("")  # exists (so the flags pass), but holds no text to score
     proc = run(fast_args(model) + ["--save_model", "--test_after_train",
                                    "--ppl_datasets", str(tmp_path / "no_such_eval.txt")], tmp_path)
     assert proc.returncode != 0 and "no_such_eval.txt" in proc.stderr
@@ -57,7 +58,8 @@ def test_a_failed_run_leaves_the_good_run_intact_and_a_good_one_replaces_it_whol
     assert first.returncode == 0, first.stderr[-3000:]
     good = snapshot(folder)
 
-    # fails after loading, once its log has started: calibration data that does not exist
+    # fails after loading, once its log has started: calibration data with no text in it
+    (tmp_path / "missing.txt").write_text("\n\n")
     failed = run(fast_args(model, ratio="0.5") + ["--save_model", "--pruner_type", "taylor",
                                                  "--calibration_data", str(tmp_path / "missing.txt")], tmp_path)
     assert failed.returncode != 0 and "missing.txt" in failed.stderr
