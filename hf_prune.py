@@ -24,6 +24,7 @@ import torch
 
 from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter
 from LLMPruner.checkpoint import CheckpointError, load_model, save_pruned
+from LLMPruner.export import check_gguf_exportable, export_gguf
 from LLMPruner.data.calibration import calibration_examples
 from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
@@ -94,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="let --base_model be a reference LLM-Pruner pickle (pytorch_model.bin): this RUNS PICKLED CODE; "
            "only for files you trust (the model is converted to safetensors on --save_model)")
     a("--save_model", action="store_true", help="write the pruned model and tokenizer to the run's folder")
+    a("--save_gguf", action="store_true",
+      help="also write the pruned model as <run folder>/model.gguf for llama.cpp (per-layer shapes included)")
+    a("--gguf_outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type of --save_gguf")
     a("--seed", type=int, default=42, help="random seed")
     args = p.parse_args(argv)
     if not (args.block_wise or args.channel_wise or args.layer_wise):
@@ -116,6 +120,8 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
                                   allow_pickle=args.allow_pickle)
     get_adapter(model)
+    if args.save_gguf:
+        check_gguf_exportable(model)  # an architecture llama.cpp cannot run fails before any work
     n_layers = model.config.num_hidden_layers
     ranges = {}
     explicit = any(v is not None for v in (args.block_attention_layer_end, args.block_mlp_layer_end))
@@ -173,6 +179,8 @@ def main(argv=None) -> int:
                                          "params_before": before, "params_after": after},
                              round_to=args.round_to if args.round_to > 1 else None)
         logger.info("saved the pruned model to %s", folder)
+    if args.save_gguf:
+        export_gguf(model.to("cpu"), tokenizer, log_dir / "model.gguf", outtype=args.gguf_outtype)
     return 0
 
 

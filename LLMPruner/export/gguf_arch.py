@@ -60,3 +60,8 @@ def choose_target(model_type: str, uniform: bool) -> tuple[str, Target]:
             "sizes every layer like layer 0, and no per-layer architecture has its layout; prune uniformly "
             f"(the same ratio in every layer, no --param_budget) or {SAFETENSORS_FALLBACK}")
     return target.heterogeneous, target
+
+
+def check_gguf_exportable(model) -> None:
+    """Fail early (before pruning) for a model type the exporter cannot write at all."""
+    choose_target(model.config.model_type, uniform=True)
