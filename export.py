@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer_pre", default=None,
                    help="llama.cpp pre-tokenizer name for a byte-level BPE tokenizer the exporter does not "
                         "recognise (e.g. llama-bpe, qwen2, smollm)")
+    p.add_argument("--pad_to", type=int, default=32,
+                   help="pad MLP widths with zero channels to a multiple of this (llama.cpp's fast kernels and "
+                        "q8_0 blocks need multiples of 8-32; exact); 1 writes the pruned widths as they are")
     p.add_argument("--allow_pickle", action="store_true", help="as in hf_prune.py (reference pickles)")
     return p.parse_args(argv)
 
@@ -40,7 +43,8 @@ def main(argv=None) -> int:
     if tokenizer is None:
         raise CheckpointError(f"--model {args.model}: has no tokenizer files; a GGUF needs the tokenizer")
     # 2. write
-    out = export_gguf(model, tokenizer, args.outfile, outtype=args.outtype, tokenizer_pre=args.tokenizer_pre)
+    out = export_gguf(model, tokenizer, args.outfile, outtype=args.outtype, tokenizer_pre=args.tokenizer_pre,
+                      pad_to=args.pad_to)
     # 3. report
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
     return 0

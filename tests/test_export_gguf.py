@@ -78,6 +78,8 @@ def test_metadata_and_f32_round_trip(tmp_path, layout):
     heads = [6 if 1 <= i < 4 else 8 for i in range(5)] if layout == "heterogeneous" else 6
     assert meta[f"{arch}.attention.head_count"] == heads
     assert meta[f"{arch}.attention.head_count_kv"] == ([h // 2 for h in heads] if isinstance(heads, list) else 3)
+    widths = [192, 160, 160, 160, 192] if layout == "heterogeneous" else 160  # 172 / 129 padded to 32s
+    assert meta[f"{arch}.feed_forward_length"] == widths
     assert meta[f"{arch}.attention.key_length"] == meta[f"{arch}.rope.dimension_count"] == 8
     assert meta[f"{arch}.embedding_length"] == 64 and meta[f"{arch}.block_count"] == 5
     assert meta[f"{arch}.rope.freq_base"] == s.rope_parameters["rope_theta"]
@@ -114,10 +116,7 @@ def test_outtypes_write_valid_files(tmp_path, outtype, matrix_type, tol):
     meta, reader = fields(out)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_norm.weight"] == "F32"  # vectors stay f32
-    assert types["blk.1.attn_q.weight"] == matrix_type
-    if outtype == "q8_0":  # rows of 129 MLP channels cannot form blocks of 32: f16, as llama.cpp does
-        assert types["blk.1.ffn_down.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "F16"
-        assert types["blk.1.ffn_up.weight"] == "Q8_0"
+    assert types["blk.1.attn_q.weight"] == types["blk.1.ffn_down.weight"] == matrix_type  # padded: 160
     expected = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
     assert meta["general.file_type"] == expected
@@ -126,6 +125,21 @@ def test_outtypes_write_valid_files(tmp_path, outtype, matrix_type, tol):
     with torch.no_grad():
         diff = (back(ids).logits - model(ids).logits).abs().max().item()
     assert 0 < diff < tol, diff  # rounded, and still the same model
+
+
+def test_unpadded_widths_are_written_as_pruned(tmp_path):
+    model, tok = pruned_stories(LAYOUTS["heterogeneous"])
+    out = export_gguf(model, tok, tmp_path / "m.gguf", outtype="q8_0", pad_to=1)
+    meta, reader = fields(out)
+    assert meta["deci.feed_forward_length"] == [172, 129, 129, 129, 172]
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    # rows of 129 or 172 values cannot form q8_0 blocks of 32: f16, as llama.cpp's converter does
+    assert types["blk.1.ffn_down.weight"] == types["blk.0.ffn_down.weight"] == "F16"
+    assert types["blk.1.ffn_up.weight"] == "Q8_0"
+    back, _ = load_model(tmp_path / "m.gguf")
+    assert [l.mlp.down_proj.in_features for l in back.model.layers] == [172, 129, 129, 129, 172]
+    with pytest.raises(GGUFExportError, match="--pad_to 0"):
+        export_gguf(model, tok, tmp_path / "x.gguf", pad_to=0)
 
 
 def test_export_cli_on_a_pruned_folder(tmp_path):

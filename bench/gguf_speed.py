@@ -1,0 +1,106 @@
+"""What a llama.cpp user sees: dense SmolLM2-135M vs the -20 % pruned model, exported to GGUF by LLMPruner.
+
+    python bench/gguf_speed.py [--smollm2 /tmp/smollm2_fp32] [--threads 1] [--repeats 3]
+
+Both models are written as f16 and q8_0 GGUFs (the pruned one as llama.cpp's ``deci`` architecture, with
+per-layer head counts and MLP widths) and run in llama-cpp-python, one after the other, alternating, in
+one process: prompt processing of 512 tokens in one batch (tokens/s), then generation of 128 tokens one
+at a time as llama-bench's tg128 does (tokens/s); median of ``--repeats`` runs. Token ids are
+WikiText-2's (the SmolLM2 protocol windows), so no sampling enters the timing. Without ``--smollm2``
+the model is dequantised from ../shared's Q4_1 GGUF (~35 s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import SHARED, table
+
+from LLMPruner.budget import non_embedding_parameters
+from LLMPruner.checkpoint import load_model
+from LLMPruner.export import export_gguf
+from LLMPruner.prune import prune
+
+SMOLLM2_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct-Q4_1"
+PROTOCOL = SHARED / "data" / "smollm2_protocol.json"
+#: the -20 % SmolLM2 setting (tests/test_export_gguf_llamacpp.py uses it too; change it here only)
+SMOLLM2_MINUS_20 = dict(mode="block_wise", pruner_type="taylor", taylor="param_first", param_budget=0.2,
+                        attention_layers=range(4, 28), mlp_layers=range(4, 28))
+
+
+def pruned_smollm2(source: Path | str):
+    """``(dense, pruned, tokenizer)``: SmolLM2 and its -20 % copy (the protocol's 10 x 64 calibration ids)."""
+    dense, tok = load_model(source, dtype=torch.float32)
+    pruned, _ = load_model(source, dtype=torch.float32)
+    calib = torch.tensor(json.loads(PROTOCOL.read_text())["calib"])
+    prune(pruned, examples=calib, **SMOLLM2_MINUS_20)
+    return dense, pruned, tok
+
+
+def prompt_tps(llm, ids: list[int]) -> float:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+def generation_tps(llm, ids: list[int]) -> float:
+    llm.reset()
+    llm.eval(ids[:1])
+    t0 = time.perf_counter()
+    for token in ids[1:]:
+        llm.eval([token])
+    return (len(ids) - 1) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smollm2", default=str(SMOLLM2_GGUF), help="SmolLM2 folder or GGUF (default: ../shared's)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt_tokens", type=int, default=512)
+    ap.add_argument("--gen_tokens", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from llama_cpp import Llama
+    windows = json.loads(PROTOCOL.read_text())["wikitext2"]
+    text_ids = [t for w in windows for t in w]
+    prompt, gen = text_ids[:args.prompt_tokens], text_ids[:args.gen_tokens + 1]
+    dense, pruned, tok = pruned_smollm2(args.smollm2)
+    params = {"dense": non_embedding_parameters(dense), "pruned -20 %": non_embedding_parameters(pruned)}
+    with tempfile.TemporaryDirectory(prefix="gguf-speed-") as tmp:
+        files = {(name, outtype): export_gguf(model, tok, Path(tmp) / f"{name[:6]}-{outtype}.gguf", outtype=outtype)
+                 for name, model in (("dense", dense), ("pruned -20 %", pruned)) for outtype in ("f16", "q8_0")}
+        llms = {key: Llama(str(path), n_ctx=args.prompt_tokens + 8, n_batch=args.prompt_tokens,
+                           n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+                for key, path in files.items()}
+        pp = {key: [] for key in llms}
+        tg = {key: [] for key in llms}
+        for _ in range(args.repeats):  # alternate so that load on the machine hits all alike
+            for key, llm in llms.items():
+                pp[key].append(prompt_tps(llm, prompt))
+                tg[key].append(generation_tps(llm, gen))
+        rows = []
+        for (name, outtype), path in files.items():
+            key = (name, outtype)
+            dense_key = ("dense", outtype)
+            rows.append({"model": name, "type": outtype, "arch": "deci" if name != "dense" else "llama",
+                         "decoder params": params[name], "file MiB": round(path.stat().st_size / 2**20, 1),
+                         f"prompt {args.prompt_tokens} tok/s": statistics.median(pp[key]),
+                         f"gen {args.gen_tokens} tok/s": statistics.median(tg[key]),
+                         "prompt speedup": statistics.median(pp[key]) / statistics.median(pp[dense_key]),
+                         "gen speedup": statistics.median(tg[key]) / statistics.median(tg[dense_key])})
+        for llm in llms.values():
+            llm.close()
+    print(f"llama-cpp-python, n_threads={args.threads}, median of {args.repeats} alternating runs")
+    print(table(rows, list(rows[0].keys())))
+
+
+if __name__ == "__main__":
+    main()
