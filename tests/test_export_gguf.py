@@ -95,14 +95,18 @@ def test_metadata_and_f32_round_trip(tmp_path, layout):
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
     assert (getattr(back.config, "layer_shapes", None) is not None) == (layout == "heterogeneous")
+    # the zero channels of the padding are dropped again: the pruned widths come back
+    assert [l.mlp.down_proj.in_features for l in back.model.layers] == \
+        [l.mlp.down_proj.in_features for l in model.model.layers]
 
 
 def test_dense_round_trip_through_transformers_reader(tmp_path):
     model, tok = pruned_stories(None)
-    out = export_gguf(model, tok, tmp_path / "dense.gguf", outtype="f32")
+    out = export_gguf(model, tok, tmp_path / "dense.gguf", outtype="f32", pad_to=1)
     meta, _ = fields(out)
     assert meta["general.architecture"] == "llama" and meta["llama.attention.head_count"] == 8
-    back, _ = load_model(out)  # 8 x 8 == 64: stock transformers' GGUF reader
+    assert "llmpruner.feed_forward_length" not in meta
+    back, _ = load_model(out)  # 8 heads x 8 == 64, nothing padded: stock transformers' GGUF reader
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=0)

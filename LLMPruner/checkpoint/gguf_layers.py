@@ -20,6 +20,7 @@ from .build import CheckpointError, model_from_state_dict
 logger = logging.getLogger(__name__)
 
 PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
+UNPADDED_KEY = "llmpruner.feed_forward_length"  # MLP widths before LLMPruner's exporter padded them
 READABLE = ("llama", "deci")
 
 
@@ -33,6 +34,8 @@ def has_per_layer_shapes(file: Path) -> bool:
         return False  # not a GGUF at all: transformers' reader reports it
     arch = _field(reader, "general.architecture")
     if arch == "deci" or any(isinstance(_field(reader, f"{arch}.{k}"), list) for k in PER_LAYER_KEYS):
+        return True
+    if _field(reader, UNPADDED_KEY) is not None:
         return True
     heads, head_dim = _field(reader, f"{arch}.attention.head_count"), _field(reader, f"{arch}.attention.key_length")
     hidden = _field(reader, f"{arch}.embedding_length")
@@ -49,7 +52,8 @@ def load_per_layer_gguf(file: Path, dtype: torch.dtype = torch.float32):
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise CheckpointError(f"{file}: a rope_freqs tensor (Llama 3.1 RoPE scaling) is not read back here")
-    config = _config(reader, arch, tensors)
+    unpadded = _field(reader, UNPADDED_KEY)
+    config = _config(reader, arch, tensors, unpadded)
     names = _gguf_to_hf(config, arch)
     head_dim = config.head_dim
     state_dict = {}
@@ -61,6 +65,8 @@ def load_per_layer_gguf(file: Path, dtype: torch.dtype = torch.float32):
         data = data.reshape([int(d) for d in reversed(t.shape.tolist())])
         if gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             data = _rotate_half_rows(data, head_dim)
+        if unpadded is not None and gguf_name.startswith("blk."):
+            data = _unpad(gguf_name, data, unpadded[int(gguf_name.split(".")[1])])
         state_dict[hf_name] = data.to(dtype)
     model = model_from_state_dict(config, state_dict)
     logger.info("read %s (GGUF %r, per-layer shapes) into %s", file, arch, type(model).__name__)
@@ -74,7 +80,20 @@ def _field(reader, key: str):
     return field.contents()
 
 
-def _config(reader, arch: str, tensors: dict):
+def _unpad(gguf_name: str, data: torch.Tensor, width: int) -> torch.Tensor:
+    """Drop the zero MLP channels the exporter appended (rows of gate/up, columns of down)."""
+    if gguf_name.endswith(("ffn_gate.weight", "ffn_up.weight", "ffn_gate.bias", "ffn_up.bias")):
+        kept, dropped = data[:width], data[width:]
+    elif gguf_name.endswith("ffn_down.weight"):
+        kept, dropped = data[:, :width], data[:, width:]
+    else:
+        return data
+    if dropped.numel() and dropped.abs().max() != 0:
+        raise CheckpointError(f"{gguf_name}: channels past {UNPADDED_KEY}={width} are not zero padding")
+    return kept.contiguous()
+
+
+def _config(reader, arch: str, tensors: dict, unpadded: list[int] | None = None):
     from transformers import LlamaConfig
 
     def key(name: str, default=None):
@@ -85,6 +104,7 @@ def _config(reader, arch: str, tensors: dict):
     hidden = int(key("embedding_length"))
     heads, kv, ffn = (key(k) for k in PER_LAYER_KEYS)
     kv = heads if kv is None else kv  # llama.cpp's default: as many KV heads as query heads
+    ffn = unpadded if unpadded is not None else ffn
     heads, kv, ffn = ([int(x) for x in v] if isinstance(v, list) else [int(v)] * n_layers for v in (heads, kv, ffn))
     if min(heads) < 1 or min(kv) < 1 or min(ffn) < 1:
         raise CheckpointError("GGUF layers without attention or MLP (Nemotron-style) are not read back here: "

@@ -23,7 +23,8 @@ matrix whose rows are not a multiple of 32 falls back from q8_0 to f16, as in ll
 gate/up, zero columns of down: silu(0) * 0 adds exactly nothing). Pruning leaves widths such as 1139;
 llama.cpp's fast CPU matrix kernels need the inner dimension to be a multiple of 8-32 and q8_0 blocks
 are 32 wide, so without padding the pruned model runs slower than the dense one (bench/gguf_speed.py).
-``pad_to=1`` writes the pruned shapes as they are.
+``pad_to=1`` writes the pruned shapes as they are. The unpadded widths are recorded under
+``llmpruner.feed_forward_length``, and ``load_model("x.gguf")`` drops the zero channels again.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
 }
 ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 QK = (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K)
+UNPADDED_KEY = "llmpruner.feed_forward_length"  # per layer, before --pad_to (llama.cpp ignores it)
 
 
 def export_gguf(model: nn.Module, tokenizer, outfile: str | Path, *, outtype: OutType = "f32",
@@ -65,7 +67,8 @@ def export_gguf(model: nn.Module, tokenizer, outfile: str | Path, *, outtype: Ou
         raise GGUFExportError(f"--outtype {outtype!r}: choose one of {sorted(OUTTYPES)}")
     if not isinstance(pad_to, int) or pad_to < 1:
         raise GGUFExportError(f"--pad_to {pad_to!r}: must be a positive integer (1: no padding)")
-    structure = _padded(get_adapter(model).read_structure(model), pad_to)
+    pruned = get_adapter(model).read_structure(model)
+    structure = _padded(pruned, pad_to)
     config = model.config
     arch, target = choose_target(config.model_type, structure.is_uniform())
     outfile = Path(outfile)
@@ -75,6 +78,8 @@ def export_gguf(model: nn.Module, tokenizer, outfile: str | Path, *, outtype: Ou
     try:
         vocab_size = model.get_input_embeddings().weight.shape[0]
         _add_hparams(writer, config, structure, vocab_size, OUTTYPES[outtype][1], name)
+        if structure != pruned:  # the widths before padding, so that a reader can drop the zeros again
+            writer.add_array(UNPADDED_KEY, [s.intermediate_size for s in pruned.layers])
         add_tokenizer(writer, tokenizer, vocab_size, tokenizer_pre=tokenizer_pre)
         n_tensors = _add_tensors(writer, model, arch, target, structure, outtype)
         writer.write_header_to_file()

@@ -53,8 +53,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, *, tokeni
                                   "exporter needs a fast tokenizer)")
         spec = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
         model = spec.get("model", {})
-        tokens, types = _tokens_and_types(tokenizer, vocab_size)
-        if model.get("type") == "BPE" and model.get("byte_fallback"):
+        spm = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+        tokens, types = _tokens_and_types(tokenizer, vocab_size, spm=spm)
+        if spm:
             writer.add_tokenizer_model("llama")
             writer.add_tokenizer_pre("default")
             writer.add_add_space_prefix(_adds_space_prefix(spec))
@@ -75,11 +76,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, *, tokeni
         special.add_to_gguf(writer, quiet=True)
 
 
-def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings by id and their llama.cpp types (as convert_hf_to_gguf's ``get_vocab_base``)."""
+def _tokens_and_types(tokenizer, vocab_size: int, spm: bool) -> tuple[list[str], list[int]]:
+    """Token strings by id and their llama.cpp types (as convert_hf_to_gguf's ``get_vocab_base``; a
+    SentencePiece-style vocabulary also marks its unknown token)."""
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder  # id -> AddedToken
-    unk = getattr(tokenizer, "unk_token_id", None)
+    unk = getattr(tokenizer, "unk_token_id", None) if spm else None
     tokens, types = [], []
     for i in range(vocab_size):
         token = by_id.get(i)
