@@ -3,9 +3,12 @@
     python bench/gguf_speed.py [--smollm2 /tmp/smollm2_fp32] [--threads 1] [--repeats 3]
 
 Both models are written as f16 and q8_0 GGUFs (the pruned one as llama.cpp's ``deci`` architecture, with
-per-layer head counts and MLP widths) and run in llama-cpp-python, one after the other, alternating, in
+per-layer head counts and MLP widths; once with the exporter's default padding of MLP widths to multiples
+of 32, once unpadded, ``pad_to=1``) and run in llama-cpp-python, one after the other, alternating, in
 one process: prompt processing of 512 tokens in one batch (tokens/s), then generation of 128 tokens one
-at a time as llama-bench's tg128 does (tokens/s); median of ``--repeats`` runs. Token ids are
+at a time as llama-bench's tg128 does (tokens/s); median of ``--repeats`` runs. Time is the process's
+CPU time (with one thread, what the wall clock shows on an idle machine; on a shared machine it is not
+inflated by other processes' turns on the cores; ``--wall`` uses the wall clock). Token ids are
 WikiText-2's (the SmolLM2 protocol windows), so no sampling enters the timing. Without ``--smollm2``
 the model is dequantised from ../shared's Q4_1 GGUF (~35 s).
 """
@@ -18,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import torch
 
 from common import SHARED, table
@@ -43,20 +47,20 @@ def pruned_smollm2(source: Path | str):
     return dense, pruned, tok
 
 
-def prompt_tps(llm, ids: list[int]) -> float:
+def prompt_tps(llm, ids: list[int], clock=time.process_time) -> float:
     llm.reset()
-    t0 = time.perf_counter()
+    t0 = clock()
     llm.eval(ids)
-    return len(ids) / (time.perf_counter() - t0)
+    return len(ids) / (clock() - t0)
 
 
-def generation_tps(llm, ids: list[int]) -> float:
+def generation_tps(llm, ids: list[int], clock=time.process_time) -> float:
     llm.reset()
     llm.eval(ids[:1])
-    t0 = time.perf_counter()
+    t0 = clock()
     for token in ids[1:]:
         llm.eval([token])
-    return (len(ids) - 1) / (time.perf_counter() - t0)
+    return (len(ids) - 1) / (clock() - t0)
 
 
 def main() -> None:
@@ -66,6 +70,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt_tokens", type=int, default=512)
     ap.add_argument("--gen_tokens", type=int, default=128)
+    ap.add_argument("--wall", action="store_true", help="time with the wall clock instead of CPU time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from llama_cpp import Llama
@@ -73,32 +78,38 @@ def main() -> None:
     text_ids = [t for w in windows for t in w]
     prompt, gen = text_ids[:args.prompt_tokens], text_ids[:args.gen_tokens + 1]
     dense, pruned, tok = pruned_smollm2(args.smollm2)
-    params = {"dense": non_embedding_parameters(dense), "pruned -20 %": non_embedding_parameters(pruned)}
+    params = {"dense": non_embedding_parameters(dense), "pruned": non_embedding_parameters(pruned)}
     with tempfile.TemporaryDirectory(prefix="gguf-speed-") as tmp:
-        files = {(name, outtype): export_gguf(model, tok, Path(tmp) / f"{name[:6]}-{outtype}.gguf", outtype=outtype)
-                 for name, model in (("dense", dense), ("pruned -20 %", pruned)) for outtype in ("f16", "q8_0")}
+        variants = (("dense", dense, 32), ("pruned -20 %, unpadded", pruned, 1), ("pruned -20 %", pruned, 32))
+        files = {(name, outtype): export_gguf(model, tok, Path(tmp) / f"{i}-{outtype}.gguf", outtype=outtype,
+                                              pad_to=pad)
+                 for i, (name, model, pad) in enumerate(variants) for outtype in ("f16", "q8_0")}
         llms = {key: Llama(str(path), n_ctx=args.prompt_tokens + 8, n_batch=args.prompt_tokens,
                            n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
                 for key, path in files.items()}
+        clock = time.perf_counter if args.wall else time.process_time
         pp = {key: [] for key in llms}
         tg = {key: [] for key in llms}
         for _ in range(args.repeats):  # alternate so that load on the machine hits all alike
             for key, llm in llms.items():
-                pp[key].append(prompt_tps(llm, prompt))
-                tg[key].append(generation_tps(llm, gen))
+                pp[key].append(prompt_tps(llm, prompt, clock))
+                tg[key].append(generation_tps(llm, gen, clock))
         rows = []
         for (name, outtype), path in files.items():
             key = (name, outtype)
             dense_key = ("dense", outtype)
-            rows.append({"model": name, "type": outtype, "arch": "deci" if name != "dense" else "llama",
-                         "decoder params": params[name], "file MiB": round(path.stat().st_size / 2**20, 1),
+            arch = gguf.GGUFReader(path).fields["general.architecture"].contents()
+            rows.append({"model": name, "type": outtype, "llama.cpp arch": arch,
+                         "decoder params": params[name.split()[0]],
+                         "file MiB": round(path.stat().st_size / 2**20, 1),
                          f"prompt {args.prompt_tokens} tok/s": statistics.median(pp[key]),
                          f"gen {args.gen_tokens} tok/s": statistics.median(tg[key]),
                          "prompt speedup": statistics.median(pp[key]) / statistics.median(pp[dense_key]),
                          "gen speedup": statistics.median(tg[key]) / statistics.median(tg[dense_key])})
         for llm in llms.values():
             llm.close()
-    print(f"llama-cpp-python, n_threads={args.threads}, median of {args.repeats} alternating runs")
+    print(f"llama-cpp-python, n_threads={args.threads}, median of {args.repeats} alternating runs, "
+          f"{'wall-clock' if args.wall else 'CPU'} time")
     print(table(rows, list(rows[0].keys())))
 
 
