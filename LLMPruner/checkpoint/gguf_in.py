@@ -3,7 +3,8 @@
 The tensors are dequantised by transformers' own GGUF loader (``gguf_file=``, which needs the ``gguf``
 package), so any llama.cpp / ollama model of an architecture transformers reads can be pruned. The
 quantizer state transformers attaches is dropped, so the result saves as an ordinary safetensors
-checkpoint.
+checkpoint. Files transformers cannot read — llama.cpp's ``deci``, per-layer head/MLP arrays, pruned
+heads (heads x head_dim != hidden), as LLMPruner's GGUF export writes them — go to ``gguf_layers``.
 """
 from __future__ import annotations
 
