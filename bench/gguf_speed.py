@@ -8,9 +8,9 @@ paper counts (the tied embedding / LM head, 21 % of SmolLM2, is never pruned and
 the same). The models are written as f16 and q8_0 GGUFs (the pruned ones as llama.cpp's ``deci``
 architecture, with per-layer head counts and MLP widths; with the exporter's default padding of MLP
 widths to multiples of 32, and once unpadded, ``pad_to=1``) and run in llama-cpp-python, one after the
-other, alternating, in one process: prompt processing of 512 tokens in one batch (tokens/s), then generation of 128 tokens one
-at a time as llama-bench's tg128 does (tokens/s); median of ``--repeats`` runs. Time is the process's
-CPU time (with one thread, what the wall clock shows on an idle machine; on a shared machine it is not
+other, alternating, in one process: prompt processing of 512 tokens in one batch (tokens/s), then
+generation of 128 tokens one at a time as llama-bench's tg128 does (tokens/s); median of ``--repeats``
+runs. Time is the process's CPU time (with one thread, what the wall clock shows on an idle machine; on a shared machine it is not
 inflated by other processes' turns on the cores; ``--wall`` uses the wall clock). Token ids are
 WikiText-2's (the SmolLM2 protocol windows), so no sampling enters the timing. Without ``--smollm2``
 the model is dequantised from ../shared's Q4_1 GGUF (~35 s).
@@ -85,10 +85,10 @@ def main() -> None:
     # the paper's "-20 %" counts every parameter; the tied 49152 x 576 embedding / LM head is 21 % of SmolLM2
     all_budget = round(0.2 * total / non_embedding_parameters(dense), 4)
     pruned_all, _ = pruned_smollm2(args.smollm2, param_budget=all_budget)
-    models = {"dense": dense, "-20 % decoder": pruned, f"-20 % all (budget {all_budget})": pruned_all}
     with tempfile.TemporaryDirectory(prefix="gguf-speed-") as tmp:
         variants = (("dense", dense, 32), ("-20 % decoder, unpadded", pruned, 1), ("-20 % decoder", pruned, 32),
                     (f"-20 % all (budget {all_budget})", pruned_all, 32))
+        model_of = {name: model for name, model, _ in variants}
         files = {(name, outtype): export_gguf(model, tok, Path(tmp) / f"{i}-{outtype}.gguf", outtype=outtype,
                                               pad_to=pad)
                  for i, (name, model, pad) in enumerate(variants) for outtype in ("f16", "q8_0")}
@@ -108,8 +108,8 @@ def main() -> None:
             dense_key = ("dense", outtype)
             arch = gguf.GGUFReader(path).fields["general.architecture"].contents()
             rows.append({"model": name, "type": outtype, "llama.cpp arch": arch,
-                         "params": sum(p.numel() for p in models[name.replace(", unpadded", "")].parameters()),
-                         "decoder params": non_embedding_parameters(models[name.replace(", unpadded", "")]),
+                         "params": sum(p.numel() for p in model_of[name].parameters()),
+                         "decoder params": non_embedding_parameters(model_of[name]),
                          "file MiB": round(path.stat().st_size / 2**20, 1),
                          f"prompt {args.prompt_tokens} tok/s": statistics.median(pp[key]),
                          f"gen {args.gen_tokens} tok/s": statistics.median(tg[key]),

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import gguf
-import numpy as np
 import pytest
 import torch
 
