@@ -167,7 +167,8 @@ def test_export_cli_errors_are_one_line(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "export.py"), "--model", str(tmp_path / "opt"), "--outfile",
                           str(tmp_path / "x.gguf")], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert run.stderr.startswith("export.py: error: model_type 'opt'") and "convert_hf_to_gguf.py" in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("export.py: error: model_type 'opt'") and "convert_hf_to_gguf.py" in last
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -48,7 +48,7 @@ def choose_target(model_type: str, uniform: bool) -> tuple[str, Target]:
         raise GGUFExportError(
             f"model_type {model_type!r}: the GGUF exporter writes {sorted(TARGETS)} only. "
             + ("A uniformly pruned folder is a stock transformers checkpoint: llama.cpp's own "
-               "convert_hf_to_gguf.py converts it. " if uniform else
+               "convert_hf_to_gguf.py converts it; or " if uniform else
                f"llama.cpp has no architecture that runs {model_type!r} with per-layer shapes: prune "
                "uniformly (the same ratio in every layer, no --param_budget) or ")
             + SAFETENSORS_FALLBACK)
