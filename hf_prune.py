@@ -29,6 +29,7 @@ import torch
 from LLMPruner import cli
 from LLMPruner.adapters import get_adapter
 from LLMPruner.checkpoint import load_model, save_pruned
+from LLMPruner.export import check_gguf_exportable, export_gguf
 from LLMPruner.data.calibration import calibration_examples
 from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
@@ -102,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="let --base_model be a reference LLM-Pruner pickle (pytorch_model.bin): this RUNS PICKLED CODE; "
            "only for files you trust (the model is converted to safetensors on --save_model)")
     a("--save_model", action="store_true", help="write the pruned model and tokenizer to the run's folder")
+    a("--save_gguf", action="store_true",
+      help="also write the pruned model as <run folder>/model.gguf for llama.cpp (per-layer shapes included)")
+    a("--gguf_outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type of --save_gguf")
     a("--seed", type=int, default=42, help="random seed")
     add_offload_args(p)
     cli.add_debug_flag(p)
@@ -157,6 +161,8 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
                                   allow_pickle=args.allow_pickle)
     get_adapter(model)
+    if args.save_gguf:
+        check_gguf_exportable(model)  # an architecture llama.cpp cannot run fails before any work
     ranges = check_against_model(model.config, args)
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
     run, handler = start_log(args)
@@ -220,7 +226,9 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                     provenance={"base_model": args.base_model, "args": vars(args),
                                 "params_before": before, "params_after": after},
                     round_to=args.round_to if args.round_to > 1 else None)
-        model.to(args.device)
+    if args.save_gguf:
+        export_gguf(model.to("cpu"), tokenizer, log_dir / "model.gguf", outtype=args.gguf_outtype)
+    model.to(args.device)
     write_results(log_dir, results)
     return results
 
@@ -358,7 +366,8 @@ def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return
     unsupported = {"--device_map": args.device_map is not None, "--layer_wise": args.layer_wise,
                    "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,
-                   "--test_before_train": args.test_before_train}
+                   "--test_before_train": args.test_before_train,
+                   "--save_gguf (run export.py on the saved folder)": args.save_gguf}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         p.error(f"--offload cannot be combined with {', '.join(bad)} (they need the whole model in memory); "

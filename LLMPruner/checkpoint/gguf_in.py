@@ -3,7 +3,8 @@
 The tensors are dequantised by transformers' own GGUF loader (``gguf_file=``, which needs the ``gguf``
 package), so any llama.cpp / ollama model of an architecture transformers reads can be pruned. The
 quantizer state transformers attaches is dropped, so the result saves as an ordinary safetensors
-checkpoint.
+checkpoint. Files transformers cannot read — llama.cpp's ``deci``, per-layer head/MLP arrays, pruned
+heads (heads x head_dim != hidden), as LLMPruner's GGUF export writes them — go to ``gguf_layers``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .build import CheckpointError
+from .gguf_layers import has_per_layer_shapes, load_per_layer_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ def load_gguf(file: Path, dtype: torch.dtype | str = "auto"):
         dtype = torch.float32  # dequantised weights: fp32 keeps them exact
     logger.info("dequantising %s (GGUF) to %s", file, dtype)
     try:
+        if has_per_layer_shapes(file):  # llama.cpp's 'deci' or per-layer arrays: transformers reads neither
+            model, tokenizer = load_per_layer_gguf(file, dtype=dtype)
+            model.config.name_or_path = str(file)
+            return model, tokenizer
         model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     except (ValueError, OSError, KeyError) as err:
