@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
+from LLMPruner import cli
 from LLMPruner.checkpoint import CheckpointError, load_model
-from LLMPruner.export import OUTTYPES, GGUFExportError, export_gguf
+from LLMPruner.export import OUTTYPES, export_gguf
 
 logger = logging.getLogger("export")
 
@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pad MLP widths with zero channels to a multiple of this (llama.cpp's fast kernels and "
                         "q8_0 blocks need multiples of 8-32; exact); 1 writes the pruned widths as they are")
     p.add_argument("--allow_pickle", action="store_true", help="as in hf_prune.py (reference pickles)")
+    cli.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -53,9 +54,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    try:
-        sys.exit(main())
-    except (GGUFExportError, CheckpointError, FileNotFoundError, ValueError, KeyError) as err:
-        logger.debug("failed", exc_info=True)
-        print(f"export.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, "export.py")
