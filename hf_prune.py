@@ -25,12 +25,14 @@ import torch
 from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter
 from LLMPruner.checkpoint import CheckpointError, load_model, save_pruned
 from LLMPruner.data.calibration import calibration_examples
+from LLMPruner.budget import BUDGET_CRITERIA
 from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, prune
+from LLMPruner.select import ROUNDINGS
 from LLMPruner.shrink import count_parameters
 
 logger = logging.getLogger("hf_prune")
@@ -67,9 +69,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of heads and MLP channels globally (replaces --pruning_ratio; layer ranges apply "
                         "only if given)")
     b.add_argument("--compensation", default="none", choices=COMPENSATIONS,
-                   help="correct o_proj/down_proj for removed inputs: refit (least squares, stock "
-                        "architecture, recommended) or bias (FLAP; adds bias tensors)")
-    b.add_argument("--ridge", type=float, default=1e-3, help="ridge of the refit, relative to the mean Gram diagonal")
+                   help="correct o_proj/down_proj for removed inputs: refit (least squares layer by layer on "
+                        "the pruned model's inputs, stock architecture, recommended; needs >= 2x the input "
+                        "width in calibration tokens), refit_oneshot (from dense statistics) or bias (FLAP)")
+    b.add_argument("--query_heads", action="store_true",
+                   help="also prune query heads inside each KV group (the same count per group); with "
+                        "--pruning_ratio they replace whole KV groups")
+    b.add_argument("--budget_criterion", default="per_param", choices=BUDGET_CRITERIA,
+                   help="--param_budget ranking: score per parameter removed, or per-family z-scores")
+    b.add_argument("--unit_rounding", default="reference", choices=ROUNDINGS,
+                   help="units removed per layer at --pruning_ratio: as the reference (floor, in the "
+                        "channels of k_proj / the MLP) or nearest")
+    b.add_argument("--ridge", type=float, default=None,
+                   help="ridge of the refit, relative to the mean Gram diagonal (default: refit chooses it per "
+                        "layer on held-out calibration tokens; refit_oneshot uses 1e-3)")
     b.add_argument("--prune_layers", type=int, default=0, help="remove this many whole decoder layers first")
     b.add_argument("--layer_importance", default="block_influence", choices=LAYER_IMPORTANCES,
                    help="how --prune_layers chooses layers")
@@ -151,7 +164,8 @@ def main(argv=None) -> int:
                    examples=examples, seed=args.seed, round_to=args.round_to, param_budget=args.param_budget,
                    compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
-                   **ranges)
+                   query_heads=args.query_heads, budget_criterion=args.budget_criterion,
+                   unit_rounding=args.unit_rounding, **ranges)
     after = count_parameters(model)
     results.update(params_before=before, params_after=after, ratio=after / before,
                    prune_seconds=round(time.perf_counter() - t0, 2), structure=result.structure.to_dict())

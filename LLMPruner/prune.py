@@ -6,9 +6,10 @@ Modes (the reference's):
 * ``channel_wise``: the hidden size, model-wide;
 * ``layer_wise``: keep the first ``layer`` decoder layers.
 
-Beyond the paper: activation-aware scores (``fluctuation``, ``wanda``), a global parameter budget
-(``param_budget``: standardised scores ranked across layers and kinds), output compensation
-(``bias``/``refit``) and depth pruning by importance (``prune_layers``), combinable with width pruning.
+Beyond the paper: activation-aware scores (``fluctuation``, ``wanda``), query heads inside KV groups as
+units (``query_heads``), a global parameter budget (``param_budget``, ranked by ``budget_criterion``),
+output compensation (``refit``: sequential, layer by layer; ``bias``; ``refit_oneshot``) and depth pruning
+by importance (``prune_layers``), combinable with width pruning.
 """
 from __future__ import annotations
 
@@ -21,13 +22,15 @@ import torch.nn as nn
 
 from .activations import activation_channel_scores, collect_input_stats, consumers
 from .adapters import get_adapter
-from .budget import choose_by_budget, non_embedding_parameters
+from .budget import BudgetCriterion, added_bias_parameters, choose_by_budget, non_embedding_parameters
 from .compensate import Compensation, add_biases, compensate
 from .depth import LayerImportance, choose_layers
 from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
 from .graph import discover
+from .heads import head_family, rank_family
 from .plan import PruningPlan
-from .select import choose, make_plan
+from .select import Rounding, choose, make_plan
+from .sequential import sequential_prune
 from .shrink import apply_plan
 from .structure import ModelStructure
 
@@ -58,7 +61,9 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           seed: int = 0, round_to: int = 1, param_budget: float | None = None,
           compensation: Compensation = "none", prune_layers: int = 0,
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
-          ridge: float = 1e-3) -> PruneResult:
+          ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
+          budget_criterion: BudgetCriterion = "per_param",
+          refit_target: Literal["dense", "pruned"] = "dense") -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``)."""
     _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
     adapter = get_adapter(model)
@@ -80,18 +85,35 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         targets = _targets(discover(model).families, mode, attention_layers, mlp_layers, param_budget)
         if not targets or width == 0:
             break
+        if compensation in ("refit", "refit_oneshot"):
+            _check_tokens(model, targets, examples)
         original = original or {f.key: f.n_units for f in targets}
         ratio = width * step / iterative_steps
         stats = _stats(model, targets, examples, pruner_type, compensation, calibration_batch_size)
-        scores = _scores(model, targets, pruner_type, taylor, grouping_strategy, examples, seed + step, stats)
+        scored = targets + _single_heads(targets) if query_heads else targets
+        scores = _scores(model, scored, pruner_type, taylor, grouping_strategy, examples, seed + step, stats)
+        if query_heads:  # with a ratio, query heads replace whole KV groups; a budget chooses among both
+            targets, scores = _with_query_heads(targets, scores, replace=param_budget is None)
         if param_budget is not None:
             budget = int(ratio * start_params) - (start_params - non_embedding_parameters(model))
-            removed = choose_by_budget(model, targets, scores, max(0, budget), round_to)
+            removed = choose_by_budget(model, targets, scores, max(0, budget), round_to, budget_criterion,
+                                       bias_compensation=compensation == "bias")
         else:
-            removed = choose(targets, scores, ratio, global_pruning, round_to, original)
+            removed = choose(targets, scores, ratio, global_pruning, round_to, original, unit_rounding)
+        if compensation == "refit":
+            reselect = pruner_type if pruner_type in ACTIVATION_PRUNERS else None
+            removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
+                                       batch_size=calibration_batch_size, reselect=reselect,
+                                       grouping=grouping_strategy, target=refit_target)
+            plan = make_plan(model, [], removed)  # already applied layer by layer: record the units
+            logger.info("step %d/%d (ratio %.3f), sequential refit:\n%s", step, iterative_steps, ratio,
+                        plan.describe())
+            result.plans.append(plan)
+            result.structure = adapter.read_structure(model)
+            continue
         plan = make_plan(model, targets, removed)
         logger.info("step %d/%d (ratio %.3f):\n%s", step, iterative_steps, ratio, plan.describe())
-        deltas = compensate(model, plan, stats or {}, compensation, ridge)
+        deltas = compensate(model, plan, stats or {}, compensation, 1e-3 if ridge is None else ridge)
         _apply(model, plan, result)
         if deltas:
             add_biases(model, deltas)
@@ -114,16 +136,46 @@ def _check(ratio, steps, pruner_type, param_budget, examples, compensation) -> N
         raise ValueError(f"--pruner_type {pruner_type} / --compensation {compensation} need calibration examples")
 
 
+def _check_tokens(model, targets, examples) -> None:
+    """A least-squares refit needs more calibration tokens than the input it refits is wide."""
+    widest = max((m.in_features for m in consumers(model, targets).values()), default=0)
+    tokens = examples.numel()
+    if tokens < 2 * widest:
+        raise ValueError(
+            f"--compensation refit: {tokens} calibration tokens ({examples.shape[0]} x {examples.shape[1]}) "
+            f"for inputs {widest} wide: the least squares would be rank-deficient and overfit. Raise "
+            f"--num_examples / --calibration_seq_len to at least {2 * widest} tokens (e.g. --num_examples 128 "
+            f"--calibration_seq_len 128) or use --compensation none")
+
+
+def _single_heads(targets):
+    return [h for h in (head_family(f) for f in targets if f.kind == "attention") if h is not None]
+
+
+def _with_query_heads(targets, scores, replace: bool):
+    """Add each layer's query-head family (units ranked by the single heads' scores)."""
+    out = []
+    for f in targets:
+        single = head_family(f) if f.kind == "attention" else None
+        if single is None or not replace:
+            out.append(f)
+        if single is not None:
+            fam, s = rank_family(f, single, scores[single.key])
+            scores[fam.key] = s
+            out.append(fam)
+    return out, scores
+
+
 def _apply(model: nn.Module, plan: PruningPlan, result: PruneResult) -> None:
     result.plans.append(plan)
     result.structure = apply_plan(model, plan)
 
 
 def _stats(model, targets, examples, pruner_type, compensation, batch_size):
-    if pruner_type not in ACTIVATION_PRUNERS and compensation in ("none", None):
+    if pruner_type not in ACTIVATION_PRUNERS and compensation in ("none", "refit", None):
         return None
     return collect_input_stats(model, consumers(model, targets), examples, batch_size,
-                               gram=compensation == "refit")
+                               gram=compensation == "refit_oneshot")
 
 
 def _scores(model, targets, pruner_type, taylor, grouping, examples, seed, stats):
