@@ -3,9 +3,12 @@ channels) under a parameter budget.
 
 Criteria (``budget_criterion``), measured against each other on SmolLM2-135M (README, bench/smollm2.py):
 
-* ``per_param`` (default): the unit's score divided by the parameters it removes. With Taylor scores
+* ``uniform`` (default, the best measured): every family in the layer ranges loses the same fraction of
+  its units (to within one unit), the lowest-scored ones; the budget sets the fraction. The reference's
+  structure, at any exact parameter count.
+* ``per_param``: the unit's score divided by the parameters it removes. With Taylor scores
   (``sum |W * g|``, a first-order estimate of the loss change) that is the estimated loss change per
-  parameter removed, comparable across kinds and layers by construction.
+  parameter removed; on SmolLM2 it loses to ``uniform`` (91.6 vs 81.4 WikiText-2, 40 windows).
 * ``zscore``: scores standardised within each family (``(s - mean) / std``, FLAP's AL-AM), ranked
   together; on SmolLM2 it removes a KV group in nearly every layer and loses ~2x to MLP-only pruning.
 
@@ -28,8 +31,8 @@ from .graph import Family
 
 logger = logging.getLogger(__name__)
 
-BudgetCriterion = Literal["per_param", "zscore"]
-BUDGET_CRITERIA = ("per_param", "zscore")
+BudgetCriterion = Literal["uniform", "per_param", "zscore"]
+BUDGET_CRITERIA = ("uniform", "per_param", "zscore")
 
 def unit_cost(model: nn.Module, fam: Family) -> int:
     """Parameters removed with one unit of ``fam``."""
@@ -55,7 +58,7 @@ def non_embedding_parameters(model: nn.Module) -> int:
 
 
 def choose_by_budget(model: nn.Module, families: list[Family], scores: dict[str, torch.Tensor],
-                     budget: int, round_to: int = 1, criterion: BudgetCriterion = "per_param",
+                     budget: int, round_to: int = 1, criterion: BudgetCriterion = "uniform",
                      bias_compensation: bool = False) -> dict[str, list[int]]:
     """``{family.key: removed units}`` removing at most ``budget`` parameters (within one unit)."""
     if criterion not in BUDGET_CRITERIA:
@@ -70,6 +73,8 @@ def choose_by_budget(model: nn.Module, families: list[Family], scores: dict[str,
 
 
 def _greedy(model, families, scores, budget, criterion) -> dict[str, list[int]]:
+    if criterion == "uniform":
+        return _uniform(model, families, scores, budget)
     value, owner, unit, cost = [], [], [], []
     for i, fam in enumerate(families):
         s = scores[fam.key].double()
@@ -96,6 +101,25 @@ def _greedy(model, families, scores, budget, criterion) -> dict[str, list[int]]:
         spent += cost[j]
     logger.info("budget %d parameters, removing %d (%s)", budget, spent, criterion)
     return removed
+
+
+def _uniform(model, families, scores, budget) -> dict[str, list[int]]:
+    """Take one unit at a time from the family that has lost the smallest fraction so far (that fits)."""
+    cost = {f.key: unit_cost(model, f) for f in families}
+    order = {f.key: torch.argsort(scores[f.key], stable=True).tolist() for f in families}
+    taken = {f.key: 0 for f in families}
+    rival = _rivals(families)
+    spent = 0
+    while True:
+        open_ = [f for f in families if taken[f.key] < f.n_units - 1 and spent + cost[f.key] <= budget
+                 and not any(taken[r] for r in rival.get(f.key, ()))]
+        if not open_:
+            break
+        f = min(open_, key=lambda f: ((taken[f.key] + 1) / f.n_units, f.layer or 0))
+        taken[f.key] += 1
+        spent += cost[f.key]
+    logger.info("budget %d parameters, removing %d (uniform)", budget, spent)
+    return {k: order[k][:n] for k, n in taken.items()}
 
 
 def _rivals(families: list[Family]) -> dict[str, list[str]]:

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["block_wise", "channel_wise", "layer_wise"]
 ACTIVATION_PRUNERS = ("fluctuation", "wanda")
+PROTECT_FROM = 8  # decoder layers from which a budget without layer ranges leaves the first and last alone
 ALL_PRUNERS = PRUNER_TYPES + ACTIVATION_PRUNERS
 
 
@@ -62,7 +63,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           compensation: Compensation = "none", prune_layers: int = 0,
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
           ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
-          budget_criterion: BudgetCriterion = "per_param",
+          budget_criterion: BudgetCriterion = "uniform",
           refit_target: Literal["dense", "pruned"] = "dense") -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``)."""
     _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
@@ -189,7 +190,11 @@ def _targets(families, mode: Mode, attention_layers, mlp_layers, param_budget):
     if mode == "channel_wise":
         return [f for f in families if f.kind == "hidden"]
     if param_budget is not None and attention_layers is None and mlp_layers is None:
-        return [f for f in families if f.kind in ("attention", "mlp")]  # the budget spans every layer
+        # the budget spans every layer but, from PROTECT_FROM layers on, the first and the last (pruning
+        # them costs most: SmolLM2 1,983 WikiText-2 PPL with them vs 139.65 on layers 4..27, issue 10)
+        n = 1 + max((f.layer for f in families if f.layer is not None), default=0)
+        keep_out = {0, n - 1} if n >= PROTECT_FROM else set()
+        return [f for f in families if f.kind in ("attention", "mlp") and f.layer not in keep_out]
     attention_layers = attention_layers if attention_layers is not None else range(0)
     mlp_layers = mlp_layers if mlp_layers is not None else range(0)
     return [f for f in families

@@ -169,3 +169,34 @@ def test_smollm2_reference_flags_give_the_reference_parameter_counts():
         assert count_parameters(model) == params
         assert {(l.num_key_value_heads, l.intermediate_size) for l in s[4:28]} == {(kv, mlp)}
         assert {(l.num_key_value_heads, l.intermediate_size) for l in s[:4] + s[28:]} == {(3, 1536)}
+
+
+def test_taylor_gradient_in_chunks_equals_one_batch(monkeypatch):
+    import LLMPruner.estimate as est
+    from LLMPruner.graph import discover
+    model = tiny_model()
+    fams = discover(model).families
+    ex = torch.randint(0, 64, (20, 16), generator=torch.Generator().manual_seed(3))
+    chunked = est.estimate(model, fams, pruner_type="taylor", examples=ex)      # 16 + 4 samples
+    monkeypatch.setattr(est, "GRAD_CHUNK", 64)
+    whole = est.estimate(model, fams, pruner_type="taylor", examples=ex)
+    for key in whole:
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-4, atol=1e-7)
+
+
+def test_uniform_budget_spreads_evenly_and_never_overshoots():
+    model = tiny_model(num_hidden_layers=4)
+    start = non_embedding_parameters(model)
+    s = prune(model, pruner_type="l2", param_budget=0.2, attention_layers=range(0),
+              mlp_layers=range(1, 4)).structure.layers
+    sizes = [l.intermediate_size for l in s]
+    assert sizes[0] == 48 and max(sizes[1:]) - min(sizes[1:]) <= 1
+    removed = start - non_embedding_parameters(model)
+    assert 0 <= int(0.2 * start) - removed < 3 * 32
+
+
+def test_budget_without_ranges_protects_first_and_last_layers_of_deep_models():
+    model = tiny_model(num_hidden_layers=8)
+    s = prune(model, pruner_type="l2", param_budget=0.2).structure.layers
+    assert s[0].intermediate_size == s[-1].intermediate_size == 48
+    assert all(l.intermediate_size < 48 for l in s[1:-1])
