@@ -31,7 +31,7 @@ from LLMPruner.depth import LAYER_IMPORTANCES
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
-from LLMPruner.prune import ALL_PRUNERS, check_layer_range, prune
+from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
 from LLMPruner.select import ROUNDINGS
 from LLMPruner.shrink import count_parameters
 
@@ -75,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--query_heads", action="store_true",
                    help="also prune query heads inside each KV group (the same count per group); with "
                         "--pruning_ratio they replace whole KV groups")
-    b.add_argument("--budget_criterion", default="per_param", choices=BUDGET_CRITERIA,
-                   help="--param_budget ranking: score per parameter removed, or per-family z-scores")
+    b.add_argument("--budget_criterion", default="uniform", choices=BUDGET_CRITERIA,
+                   help="--param_budget allocation: the same fraction of every family in the layer ranges "
+                        "(best measured), score per parameter removed, or per-family z-scores")
     b.add_argument("--unit_rounding", default="reference", choices=ROUNDINGS,
                    help="units removed per layer at --pruning_ratio: as the reference (floor, in the "
                         "channels of k_proj / the MLP) or nearest")
@@ -138,6 +139,8 @@ def main(argv=None) -> int:
                                                   args.block_attention_layer_end or n_layers - 1, n_layers),
             "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
                                             args.block_mlp_layer_end or n_layers - 1, n_layers)}
+    if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
+        check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
     if args.layer_wise and not 1 <= args.layer <= n_layers:
         raise ValueError(f"--layer {args.layer}: must be between 1 and {n_layers} (layers to keep)")
     log_dir = start_log(args)

@@ -200,3 +200,25 @@ def test_budget_without_ranges_protects_first_and_last_layers_of_deep_models():
     s = prune(model, pruner_type="l2", param_budget=0.2).structure.layers
     assert s[0].intermediate_size == s[-1].intermediate_size == 48
     assert all(l.intermediate_size < 48 for l in s[1:-1])
+
+
+def test_cli_refuses_refit_with_too_few_tokens_and_runs_query_heads(tmp_path):
+    from test_cli_prune import run
+    model = need_shared("models", "stories260K")
+    text = need_shared("data", "tinystories", "tinystories_val.txt")
+    base = ["--base_model", str(model), "--device", "cpu", "--eval_device", "cpu", "--calibration_data", str(text)]
+    proc = run(base + ["--pruner_type", "wanda", "--compensation", "refit", "--num_examples", "2"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--compensation refit: 128 calibration tokens (2 x 64) for inputs 172 wide" in proc.stderr
+    assert "--num_examples / --calibration_seq_len" in proc.stderr
+    assert not (tmp_path / "prune_log").exists()  # nothing written
+    proc = run(base + ["--pruner_type", "taylor", "--query_heads", "--pruning_ratio", "0.5",
+                       "--block_attention_layer_start", "1", "--block_attention_layer_end", "4",
+                       "--block_mlp_layer_start", "1", "--block_mlp_layer_end", "4", "--compensation", "refit",
+                       "--num_examples", "16", "--save_model", "--save_ckpt_log_name", "qh"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from LLMPruner.checkpoint import load_pruned
+    loaded, _ = load_pruned(tmp_path / "prune_log" / "qh")
+    shapes = [(l.self_attn.o_proj.in_features // 8, l.self_attn.k_proj.out_features // 8)
+              for l in loaded.model.layers]
+    assert shapes == [(8, 4), (4, 4), (4, 4), (4, 4), (8, 4)]  # 2 query heads per KV group -> 1
