@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--query_heads", action="store_true",
                    help="also prune query heads inside each KV group (the same count per group); with "
                         "--pruning_ratio they replace whole KV groups")
+    b.add_argument("--skip_attention", action="store_true",
+                   help="prune MLP channels only (no heads), the best measured structure on SmolLM2")
     b.add_argument("--budget_criterion", default="uniform", choices=BUDGET_CRITERIA,
                    help="--param_budget allocation: the same fraction of every family in the layer ranges "
                         "(best measured), score per parameter removed, or per-family z-scores")
@@ -139,6 +141,10 @@ def main(argv=None) -> int:
                                                   args.block_attention_layer_end or n_layers - 1, n_layers),
             "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
                                             args.block_mlp_layer_end or n_layers - 1, n_layers)}
+    if args.skip_attention:
+        ranges["attention_layers"] = range(0)
+        ranges.setdefault("mlp_layers", check_layer_range(
+            "--block_mlp_layer", args.block_mlp_layer_start, args.block_mlp_layer_end or n_layers - 1, n_layers))
     if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
         check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
     if args.layer_wise and not 1 <= args.layer <= n_layers:

@@ -1,5 +1,6 @@
 """Issue 10: reference rounding, query heads inside KV groups, budget criteria, sequential refit."""
 import copy
+import json
 
 import pytest
 import torch
@@ -222,3 +223,10 @@ def test_cli_refuses_refit_with_too_few_tokens_and_runs_query_heads(tmp_path):
     shapes = [(l.self_attn.o_proj.in_features // 8, l.self_attn.k_proj.out_features // 8)
               for l in loaded.model.layers]
     assert shapes == [(8, 4), (4, 4), (4, 4), (4, 4), (8, 4)]  # 2 query heads per KV group -> 1
+    proc = run(base + ["--pruner_type", "l2", "--param_budget", "0.1", "--skip_attention",
+                       "--block_mlp_layer_start", "1", "--block_mlp_layer_end", "4", "--save_ckpt_log_name", "mlp"],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    layers = json.loads((tmp_path / "prune_log" / "mlp" / "results.json").read_text())["structure"]["layers"]
+    assert [l["num_attention_heads"] for l in layers] == [8] * 5
+    assert [l["intermediate_size"] for l in layers][::4] == [172, 172] and layers[1]["intermediate_size"] < 172
