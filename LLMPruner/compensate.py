@@ -7,8 +7,9 @@ For a linear layer ``y = W x`` whose input channels ``R`` are removed and ``K`` 
   biases elsewhere) so the checkpoint still loads with stock classes, but it is no longer the original
   bias-free architecture.
 * ``refit`` (sequential least squares, ``sequential.py``): layer by layer, on the inputs ``x~`` the
-  *pruned* model produces, toward the dense outputs ``W x``: ``V = W D[:, K] (G~_KK + lam I)^-1`` with
-  ``G~ = sum x~ x~^T`` and ``D = sum x x~^T``, minimising ``sum_t ||W x_t - V x~_t,K||^2``; kept only where
+  *pruned* model produces: ``V = W D[:, K] (G~_KK + lam I)^-1`` with ``G~ = sum x~ x~^T`` and
+  ``D = sum x x~^T``, minimising ``sum_t ||W x_t - V x~_t,K||^2`` (``x = x~`` by default, SparseGPT's
+  objective; the dense model's ``x`` as an option); kept only where
   it lowers that calibration error below plain slicing's (``refit_layer``). No new tensors: the
   architecture stays stock. Needs more calibration tokens than the widest refitted input (refused
   otherwise). **Recommended.**

@@ -64,7 +64,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
           ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
           budget_criterion: BudgetCriterion = "uniform",
-          refit_target: Literal["dense", "pruned"] = "dense") -> PruneResult:
+          refit_target: Literal["dense", "pruned"] = "pruned") -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``)."""
     _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
     adapter = get_adapter(model)

@@ -1,11 +1,11 @@
 """Sequential compensation: prune and refit one decoder layer at a time, on the inputs the *pruned*
-model actually produces (SparseGPT / SlimGPT style), toward the *dense* model's outputs.
+model actually produces (SparseGPT / SlimGPT style).
 
 Two hidden-state streams go through the decoder layer by layer over the calibration samples: the dense
 model's and the pruned-so-far model's. In layer ``L``, for each consumer (``o_proj`` then ``down_proj``:
 the linear layers whose input channels lose units), the consumer's inputs are captured in both streams
 (``x`` dense, ``x~`` pruned) and the layer's kept input columns are refitted by ``refit_layer`` to map
-``x~_K`` to the dense output ``W x``, with a per-layer fallback to plain slicing when that is not better
+``x~_K`` to ``W x~`` (default) or to the dense output ``W x``, with a per-layer fallback to plain slicing when that is not better
 on the calibration reconstruction. Then the units are sliced away and both streams move to layer
 ``L + 1``. Errors are corrected where they arise instead of compounding, as one-shot compensation from
 dense-model statistics does.
@@ -92,12 +92,13 @@ def _cross_stats(dense_layer, layer, rel: str, batches, dense_h, pruned_h,
 def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                      examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
                      reselect: str | None = None, grouping: str = "sum",
-                     target: str = "dense") -> dict[str, list[int]]:
+                     target: str = "pruned") -> dict[str, list[int]]:
     """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the
     units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
     in each family from the pruned model's own input statistics). Families must be per-layer.
-    ``target="dense"`` fits ``V x~_K`` to the dense model's ``W x`` (corrects upstream error too);
-    ``"pruned"`` to ``W x~`` (SparseGPT's layer-wise objective)."""
+    ``target="pruned"`` (default, better measured on stories260K: 8.74 vs 9.28 PPL at a 20 % budget) fits
+    ``V x~_K`` to ``W x~`` (SparseGPT's layer-wise objective); ``"dense"`` to the dense model's ``W x``
+    (tries to correct upstream error too)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
