@@ -31,13 +31,15 @@ from LLMPruner.adapters import get_adapter
 from LLMPruner.checkpoint import load_model, save_pruned
 from LLMPruner.export import check_gguf_exportable, export_gguf
 from LLMPruner.data.calibration import calibration_examples
+from LLMPruner.budget import BUDGET_CRITERIA
 from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
-from LLMPruner.prune import ALL_PRUNERS, check_layer_range, prune
+from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
 from LLMPruner.run_folder import RunFolder
+from LLMPruner.select import ROUNDINGS
 from LLMPruner.shrink import count_parameters
 from LLMPruner.stream.pipeline import open_source, prune_offloaded
 from LLMPruner.stream.placement import parse_device_map, place_model, unplace_model
@@ -76,9 +78,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of heads and MLP channels globally (replaces --pruning_ratio; layer ranges apply "
                         "only if given)")
     b.add_argument("--compensation", default="none", choices=COMPENSATIONS,
-                   help="correct o_proj/down_proj for removed inputs: refit (least squares, stock "
-                        "architecture, recommended) or bias (FLAP; adds bias tensors)")
-    b.add_argument("--ridge", type=float, default=1e-3, help="ridge of the refit, relative to the mean Gram diagonal")
+                   help="correct o_proj/down_proj for removed inputs: refit (least squares layer by layer on "
+                        "the pruned model's inputs, stock architecture, recommended; needs >= 2x the input "
+                        "width in calibration tokens), refit_oneshot (from dense statistics) or bias (FLAP)")
+    b.add_argument("--query_heads", action="store_true",
+                   help="also prune query heads inside each KV group (the same count per group); with "
+                        "--pruning_ratio they replace whole KV groups")
+    b.add_argument("--skip_attention", action="store_true",
+                   help="prune MLP channels only (no heads), the best measured structure on SmolLM2")
+    b.add_argument("--budget_criterion", default="uniform", choices=BUDGET_CRITERIA,
+                   help="--param_budget allocation: the same fraction of every family in the layer ranges "
+                        "(best measured), score per parameter removed, or per-family z-scores")
+    b.add_argument("--unit_rounding", default="reference", choices=ROUNDINGS,
+                   help="units removed per layer at --pruning_ratio: as the reference (floor, in the "
+                        "channels of k_proj / the MLP) or nearest")
+    b.add_argument("--ridge", type=float, default=None,
+                   help="ridge of the refit, relative to the mean Gram diagonal (default: refit chooses it per "
+                        "layer on held-out calibration tokens; refit_oneshot uses 1e-3)")
     b.add_argument("--prune_layers", type=int, default=0, help="remove this many whole decoder layers first")
     b.add_argument("--layer_importance", default="block_influence", choices=LAYER_IMPORTANCES,
                    help="how --prune_layers chooses layers")
@@ -164,6 +180,8 @@ def main(argv=None) -> int:
     if args.save_gguf:
         check_gguf_exportable(model)  # an architecture llama.cpp cannot run fails before any work
     ranges = check_against_model(model.config, args)
+    if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
+        check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
     run, handler = start_log(args)
     try:
@@ -209,7 +227,8 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                    examples=examples, seed=args.seed, round_to=args.round_to, param_budget=args.param_budget,
                    compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
-                   **ranges)
+                   query_heads=args.query_heads, budget_criterion=args.budget_criterion,
+                   unit_rounding=args.unit_rounding, **ranges)
     if args.device_map:
         unplace_model(model, args.device)
     after = count_parameters(model)
@@ -265,6 +284,10 @@ def check_against_model(config, args) -> dict[str, range]:
                                                   args.block_attention_layer_end or n_layers - 1, n_layers),
             "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
                                             args.block_mlp_layer_end or n_layers - 1, n_layers)}
+    if args.skip_attention:
+        ranges["attention_layers"] = range(0)
+        ranges.setdefault("mlp_layers", check_layer_range(
+            "--block_mlp_layer", args.block_mlp_layer_start, args.block_mlp_layer_end or n_layers - 1, n_layers))
     if args.layer_wise and not 1 <= args.layer <= n_layers:
         raise ValueError(f"--layer {args.layer}: must be between 1 and {n_layers} (layers to keep)")
     if args.layer_wise and args.compensation != "none":

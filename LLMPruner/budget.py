@@ -1,14 +1,28 @@
-"""Adaptive structure: one global ranking across layers and across heads vs MLP channels.
+"""Adaptive structure: one global ranking across layers and across kinds (KV groups, query heads, MLP
+channels) under a parameter budget.
 
-Scores are standardised within each family (``(s - mean) / std``, FLAP's AL-AM), so that units of
-different layers and kinds compare; units are then removed from the lowest standardised score up until
-the parameters they remove reach the budget. Each unit costs the parameters it takes with it (a KV group
-of 4 heads in a 4096-wide model: 4 x 3 x 128 x 4096 + ...; an MLP channel: 3 x 4096). A family always
-keeps one unit. ``round_to`` then rounds each family's kept channel count to a multiple.
+Criteria (``budget_criterion``), measured against each other on SmolLM2-135M (README, bench/smollm2.py):
+
+* ``uniform`` (default, the best measured): every family in the layer ranges loses the same fraction of
+  its units (to within one unit), the lowest-scored ones; the budget sets the fraction. The reference's
+  structure, at any exact parameter count.
+* ``per_param``: the unit's score divided by the parameters it removes. With Taylor scores
+  (``sum |W * g|``, a first-order estimate of the loss change) that is the estimated loss change per
+  parameter removed; on SmolLM2 it loses to ``uniform`` (91.6 vs 81.4 WikiText-2, 40 windows).
+* ``zscore``: scores standardised within each family (``(s - mean) / std``, FLAP's AL-AM), ranked
+  together; on SmolLM2 it removes a KV group in nearly every layer and loses ~2x to MLP-only pruning.
+
+Units are taken from the lowest value up while they fit in the budget (it is never exceeded; the
+remainder is under one unit). Each unit costs the parameters it takes with it (a KV group of 4 heads in
+a 4096-wide model: 4 x 3 x 128 x 4096 + ...; an MLP channel: 3 x 4096). A family always keeps one unit;
+a layer loses either whole KV groups or query heads, never both (their parameters overlap). With
+``bias_compensation`` the bias tensors that compensation adds are counted against the budget.
+``round_to`` then rounds each family's kept channel count to a multiple.
 """
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -18,6 +32,8 @@ from .select import channels_per_unit
 
 logger = logging.getLogger(__name__)
 
+BudgetCriterion = Literal["uniform", "per_param", "zscore"]
+BUDGET_CRITERIA = ("uniform", "per_param", "zscore")
 
 def unit_cost(model: nn.Module, fam: Family) -> int:
     """Parameters removed with one unit of ``fam``."""
@@ -43,31 +59,97 @@ def non_embedding_parameters(model: nn.Module) -> int:
 
 
 def choose_by_budget(model: nn.Module, families: list[Family], scores: dict[str, torch.Tensor],
-                     budget: int, round_to: int = 1) -> dict[str, list[int]]:
-    """``{family.key: removed units}`` removing about ``budget`` parameters (within one unit)."""
-    z, owner, unit, cost = [], [], [], []
+                     budget: int, round_to: int = 1, criterion: BudgetCriterion = "uniform",
+                     bias_compensation: bool = False) -> dict[str, list[int]]:
+    """``{family.key: removed units}`` removing at most ``budget`` parameters (within one unit)."""
+    if criterion not in BUDGET_CRITERIA:
+        raise ValueError(f"--budget_criterion {criterion!r}: choose one of {', '.join(BUDGET_CRITERIA)}")
+    removed = _greedy(model, families, scores, budget, criterion)
+    for _ in range(3 if bias_compensation else 0):  # the biases added depend on what is removed
+        extra = added_bias_parameters(model, families, removed)
+        removed = _greedy(model, families, scores, budget + extra, criterion)  # remove more: biases are added
+    if round_to > 1:
+        removed = _round(families, scores, removed, round_to)
+    return {k: sorted(v) for k, v in removed.items()}
+
+
+def _greedy(model, families, scores, budget, criterion) -> dict[str, list[int]]:
+    if criterion == "uniform":
+        return _uniform(model, families, scores, budget)
+    value, owner, unit, cost = [], [], [], []
     for i, fam in enumerate(families):
         s = scores[fam.key].double()
-        std = s.std() if fam.n_units > 1 else torch.tensor(1.0, dtype=torch.float64)
-        z.append((s - s.mean()) / (std if std > 0 else 1.0))
+        c = unit_cost(model, fam)
+        if criterion == "zscore":
+            std = s.std() if fam.n_units > 1 else torch.tensor(1.0, dtype=torch.float64)
+            value.append((s - s.mean()) / (std if std > 0 else 1.0))
+        else:
+            value.append(s / c)
         owner += [i] * fam.n_units
         unit += list(range(fam.n_units))
-        cost += [unit_cost(model, fam)] * fam.n_units
-    order = torch.argsort(torch.cat(z), stable=True).tolist()
+        cost += [c] * fam.n_units
+    order = torch.argsort(torch.cat(value), stable=True).tolist()
     removed: dict[str, list[int]] = {f.key: [] for f in families}
+    rival = _rivals(families)
     spent = 0
     for j in order:
-        if spent >= budget:
-            break
         fam = families[owner[j]]
-        if len(removed[fam.key]) >= fam.n_units - 1 or spent + cost[j] > budget + cost[j] // 2:
+        if len(removed[fam.key]) >= fam.n_units - 1 or spent + cost[j] > budget:
+            continue
+        if any(removed[r] for r in rival.get(fam.key, ())):
             continue
         removed[fam.key].append(unit[j])
         spent += cost[j]
-    if round_to > 1:
-        removed = _round(families, scores, removed, round_to)
-    logger.info("budget %d parameters, removing %d", budget, spent)
-    return {k: sorted(v) for k, v in removed.items()}
+    logger.info("budget %d parameters, removing %d (%s)", budget, spent, criterion)
+    return removed
+
+
+def _uniform(model, families, scores, budget) -> dict[str, list[int]]:
+    """Take one unit at a time from the family that has lost the smallest fraction so far (that fits)."""
+    cost = {f.key: unit_cost(model, f) for f in families}
+    order = {f.key: torch.argsort(scores[f.key], stable=True).tolist() for f in families}
+    taken = {f.key: 0 for f in families}
+    rival = _rivals(families)
+    spent = 0
+    while True:
+        open_ = [f for f in families if taken[f.key] < f.n_units - 1 and spent + cost[f.key] <= budget
+                 and not any(taken[r] for r in rival.get(f.key, ()))]
+        if not open_:
+            break
+        f = min(open_, key=lambda f: ((taken[f.key] + 1) / f.n_units, f.layer or 0))
+        taken[f.key] += 1
+        spent += cost[f.key]
+    logger.info("budget %d parameters, removing %d (uniform)", budget, spent)
+    return {k: order[k][:n] for k, n in taken.items()}
+
+
+def _rivals(families: list[Family]) -> dict[str, list[str]]:
+    """Families of the same layer whose parameters overlap (KV groups and query heads)."""
+    by_layer: dict[int | None, list[Family]] = {}
+    for f in families:
+        by_layer.setdefault(f.layer, []).append(f)
+    out: dict[str, list[str]] = {}
+    for fams in by_layer.values():
+        for a in fams:
+            slots_a = {(m.param, m.dim) for m in a.members}
+            out[a.key] = [b.key for b in fams if b is not a and slots_a & {(m.param, m.dim) for m in b.members}]
+    return out
+
+
+def added_bias_parameters(model: nn.Module, families: list[Family], removed: dict[str, list[int]]) -> int:
+    """Parameters of the bias tensors ``--compensation bias`` would add for ``removed``: the adapter
+    switches biases on for every projection of each compensated kind (zero where nothing was removed)."""
+    from .adapters import get_adapter
+    from .select import make_plan
+    adapter = get_adapter(model)
+    plan = make_plan(model, families, removed)
+    kinds = {adapter.kind_of(p) for p, dims in plan.keep.items() if 1 in dims}
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.bias is None and adapter.kind_of(name + ".weight") in kinds:
+            rows = plan.keep.get(name + ".weight", {}).get(0)
+            total += len(rows) if rows is not None else module.weight.shape[0]
+    return total
 
 
 def _round(families, scores, removed, round_to):

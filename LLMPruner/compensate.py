@@ -6,13 +6,21 @@ For a linear layer ``y = W x`` whose input channels ``R`` are removed and ``K`` 
   inputs are constant. Adds bias tensors: the adapter switches the architecture's bias flags on (zero
   biases elsewhere) so the checkpoint still loads with stock classes, but it is no longer the original
   bias-free architecture.
-* ``refit`` (least squares, ridge-regularised): ``W_K <- W G[:, K] (G_KK + lam I)^-1`` with the Gram
-  matrix ``G = sum x x^T`` of calibration inputs, which minimises ``sum_t ||W x_t - W_K x_t,K||^2``. No new
-  tensors: the architecture stays stock. **Recommended.**
+* ``refit`` (sequential least squares, ``sequential.py``): layer by layer, on the inputs ``x~`` the
+  *pruned* model produces: ``V = W D[:, K] (G~_KK + lam I)^-1`` with ``G~ = sum x~ x~^T`` and
+  ``D = sum x x~^T``, minimising ``sum_t ||W x_t - V x~_t,K||^2`` (``x = x~`` by default, SparseGPT's
+  objective; the dense model's ``x`` as an option); kept only where
+  it lowers that calibration error below plain slicing's (``refit_layer``). No new tensors: the
+  architecture stays stock. Needs more calibration tokens than the widest refitted input (refused
+  otherwise). **Recommended.**
+* ``refit_oneshot``: the same least squares from the dense model's Gram alone
+  (``W_K <- W G[:, K] (G_KK + lam I)^-1``), all layers at once: errors compound across layers
+  (kept for comparison).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,8 +32,8 @@ from .plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
-Compensation = Literal["none", "bias", "refit"]
-COMPENSATIONS = ("none", "bias", "refit")
+Compensation = Literal["none", "bias", "refit", "refit_oneshot"]
+COMPENSATIONS = ("none", "bias", "refit", "refit_oneshot")
 
 
 @torch.no_grad()
@@ -34,7 +42,7 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: dict[str, InputStats]
     """Call *before* the plan is applied. ``refit`` rewrites the kept columns in place; ``bias`` returns
     ``{module name: bias delta}`` for ``add_biases`` to add *after* the plan (the new biases must not
     exist while the plan slices the other projections)."""
-    if method in ("none", None):
+    if method in ("none", "refit", None):  # "refit" runs layer by layer (sequential.py)
         return {}
     if method not in COMPENSATIONS:
         raise ValueError(f"--compensation {method!r}: choose one of {', '.join(COMPENSATIONS)}")
@@ -49,7 +57,7 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: dict[str, InputStats]
         removed = torch.as_tensor(sorted(set(range(w.shape[1])) - set(keep)))
         if method == "bias":
             deltas[name.rpartition(".")[0]] = w[:, removed].detach().double().cpu() @ s.mean[removed].cpu()
-        else:
+        else:  # refit_oneshot
             w[:, kept] = refit_weight(w.detach().double().cpu(), s.gram.cpu(), kept, ridge).to(w.dtype).to(w.device)
     logger.info("%s compensation of %d layers", method, len(deltas) if method == "bias" else len(stats))
     return deltas
@@ -74,3 +82,73 @@ def refit_weight(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge:
     rhs = (w @ gram[:, kept]).T                                  # [K, out]
     return torch.linalg.solve(a, rhs).T                          # [out, K]
 
+
+
+@dataclass
+class CrossStats:
+    """Streamed statistics of one consumer's inputs in both streams: ``x`` (dense model), ``x~`` (pruned).
+
+    ``gram`` = ``sum x~ x~^T``, ``cross`` = ``sum x x~^T`` (rows: dense channels, columns: pruned), both
+    ``[in, in]`` float64; ``total`` = ``sum x~``; ``count`` tokens. Without upstream pruning ``x~ = x``."""
+    count: int
+    total: torch.Tensor
+    gram: torch.Tensor
+    cross: torch.Tensor
+
+    @classmethod
+    def empty(cls, width: int) -> "CrossStats":
+        z = torch.zeros(width, width, dtype=torch.float64)
+        return cls(0, torch.zeros(width, dtype=torch.float64), z, z.clone())
+
+    def merged(self, other: "CrossStats") -> "CrossStats":
+        return CrossStats(self.count + other.count, self.total + other.total, self.gram + other.gram,
+                          self.cross + other.cross)
+
+    def add(self, x: torch.Tensor, xp: torch.Tensor) -> None:
+        """``x``, ``xp``: ``[tokens, in]`` (float32 products, float64 sums)."""
+        assert x.shape == xp.shape, (x.shape, xp.shape)
+        self.count += x.shape[0]
+        self.total += xp.sum(0).double().cpu()
+        self.gram += (xp.T @ xp).double().cpu()
+        self.cross += (x.T @ xp).double().cpu()
+
+
+def reconstruction_objective(w: torch.Tensor, v: torch.Tensor, stats: CrossStats, kept: torch.Tensor) -> float:
+    """``sum_t ||W x_t - V x~_t,K||^2`` minus its ``V``-independent part ``sum_t ||W x_t||^2``."""
+    b = w @ stats.cross[:, kept]                                          # [out, K]
+    return float(-2.0 * (v * b).sum() + ((v @ stats.gram[kept][:, kept]) * v).sum())
+
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def solve_refit(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``V = W D[:, K] (G~_KK + lam I)^-1``, ``lam = ridge * mean diag(G~_KK)``: ``[out, K]``."""
+    g_kk = stats.gram[kept][:, kept]
+    lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
+    a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype)
+    return torch.linalg.solve(a, (w @ stats.cross[:, kept]).T).T
+
+
+def refit_layer(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: float | None = None,
+                check: CrossStats | None = None) -> tuple[torch.Tensor, str]:
+    """Refit a consumer's kept columns; ``w``: ``[out, in]`` float64 dense weight, ``kept``: ``[K]``.
+
+    With ``check`` (statistics of held-out calibration tokens) the ridge is chosen from ``RIDGES`` (or
+    is ``ridge``) by the held-out reconstruction error, the refit is kept only if it beats plain slicing
+    there, and the final solve uses all tokens. Without, the same test runs on ``stats`` itself.
+    Returns the new ``[out, K]`` columns and a one-line report."""
+    judge = check if check is not None else stats
+    base = reconstruction_objective(w, w[:, kept], judge, kept)
+    tried = {}
+    for r in ((ridge,) if ridge is not None else RIDGES):
+        v = solve_refit(w, stats, kept, r)
+        if torch.isfinite(v).all():
+            tried[r] = reconstruction_objective(w, v, judge, kept)
+    best = min(tried, key=tried.get) if tried else None
+    if best is None or not tried[best] < base:
+        return w[:, kept].clone(), f"refit not better on held-out calibration tokens: sliced only"
+    final = stats.merged(check) if check is not None else stats
+    v = solve_refit(w, final, kept, best)
+    return v, (f"refit (ridge {best:g}) lowers the held-out error by {base - tried[best]:.4g} "
+               f"({len(kept)}/{w.shape[1]} inputs kept)")

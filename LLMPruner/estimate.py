@@ -43,6 +43,10 @@ TAYLOR_MODES = ("vectorize", "param_first", "param_second", "param_mix")
 GROUPINGS = ("sum", "mean", "max", "prod", "last")
 
 Slot = tuple[str, int]  # (parameter name, dim)
+#: Taylor's gradient of the mean calibration loss is taken over chunks of this many samples (the logits of
+#: 128 x 128 tokens of a 49k vocabulary would be 3 GB at once); with more samples than this, the gradients
+#: of the scored parameters are held until the last chunk.
+GRAD_CHUNK = 16
 
 
 def channel_reduce(salience: torch.Tensor, dim: int, abs_first: bool = True) -> torch.Tensor:
@@ -120,6 +124,8 @@ def taylor_scores(model: nn.Module, families: list[Family], examples: torch.Tens
     acc = TaylorAccumulator(needed, mode, n)
 
     def on_grad(name: str, p: torch.Tensor) -> None:
+        if acc.phase == "accumulate":
+            return  # keep the gradient: more chunks follow
         g = p.grad
         p.grad = None  # free the gradient right away: scores are all we keep
         acc.add(name, p, g)
@@ -135,9 +141,11 @@ def taylor_scores(model: nn.Module, families: list[Family], examples: torch.Tens
             acc.phase = "fisher"
             for i in tqdm(range(n), desc="fisher (per-example gradients)", leave=False):
                 _backward(model, examples[i:i + 1], f"example {i}")
-        if mode != "param_second":
-            acc.phase = "grad"
-            _backward(model, examples, "calibration batch")
+        if mode != "param_second":  # chunks of GRAD_CHUNK samples: gradients add up, scores at the last
+            chunks = list(range(0, n, GRAD_CHUNK))
+            for c in chunks:
+                acc.phase = "grad" if c == chunks[-1] else "accumulate"
+                _backward(model, examples[c:c + GRAD_CHUNK], "calibration batch", len(examples[c:c + GRAD_CHUNK]) / n)
     finally:
         for h in handles:
             h.remove()
@@ -147,14 +155,14 @@ def taylor_scores(model: nn.Module, families: list[Family], examples: torch.Tens
     return acc.result()
 
 
-def _backward(model: nn.Module, batch: torch.Tensor, what: str) -> None:
+def _backward(model: nn.Module, batch: torch.Tensor, what: str, weight: float = 1.0) -> None:
     batch = batch.to(next(model.parameters()).device)
     loss = model(input_ids=batch, labels=batch, use_cache=False).loss
     if not math.isfinite(loss.item()):
         raise FloatingPointError(
             f"calibration loss is {loss.item()} on the {what}; the model's dtype "
             f"({next(model.parameters()).dtype}) may overflow: try --dtype float32 or bfloat16")
-    loss.backward()
+    (loss * weight).backward()
 
 
 def unit_scores(families: list[Family], channel: dict[Slot, torch.Tensor] | None,

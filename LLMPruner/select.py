@@ -1,12 +1,18 @@
 """Selection: from unit scores to a pruning plan.
 
-Per layer (default) every target family keeps ``int(n * (1 - ratio))`` of its ``n`` units; with
-``global_pruning`` the units of each kind (attention, mlp, hidden) are ranked together across layers.
+Per layer (default) every target family loses what the reference's pruner removes (``rounding="reference"``,
+torch_pruning's MetaPruner): counted in the channels of the family's narrowest member (a KV group's
+``k_proj`` rows, ``head_dim`` of them; one MLP channel), ``n_pruned = C - int(C * (1 - ratio))`` channels
+of ``C = n * k``, then ``n_pruned // k`` whole units. Worked examples: 3 KV groups of 64 at 0.25 ->
+192 - int(144.0) = 48 channels -> 0 groups; at 0.5 -> 96 -> 1 group; MLP 1536 at 0.25 -> 384 channels.
+``rounding="nearest"`` removes ``round(ratio * n)`` units instead (3 groups at 0.25 -> 1).
+With ``global_pruning`` the units of each kind (attention, mlp, hidden) are ranked together across layers.
 Never the last unit of a family. ``round_to`` rounds each family's kept channel count to a multiple.
 """
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -15,6 +21,29 @@ from .graph import Family
 from .plan import PruningPlan
 
 logger = logging.getLogger(__name__)
+
+Rounding = Literal["reference", "nearest"]
+ROUNDINGS = ("reference", "nearest")
+
+
+def removed_count(n_now: int, n0: int, ratio: float, channels_per_unit: int = 1,
+                  rounding: Rounding = "reference") -> int:
+    """Units to remove now from a family of ``n_now`` units (``n0`` before any pruning step) so that
+    ``ratio`` of ``n0`` is gone, rounded as the reference does (or to nearest). Never the last unit."""
+    if rounding == "reference":
+        k = channels_per_unit
+        gone_channels = n_now * k - int(n0 * k * (1.0 - ratio))  # torch_pruning: current - int(init * (1 - r))
+        units = max(0, gone_channels // k)
+    elif rounding == "nearest":
+        units = max(0, n_now - (n0 - int(round(ratio * n0))))
+    else:
+        raise ValueError(f"--unit_rounding {rounding!r}: choose one of {', '.join(ROUNDINGS)}")
+    return min(units, n_now - 1)
+
+
+def narrowest(fam: Family) -> int:
+    """Channels per unit in the family's narrowest member (the reference's root for heads: ``k_proj``)."""
+    return min(m.indices.shape[1] for m in fam.members)
 
 
 def channels_per_unit(family: Family) -> int:
@@ -37,7 +66,8 @@ def kept_count(n: int, ratio: float, round_to: int = 1, channels_per_unit: int =
 
 def choose(families: list[Family], scores: dict[str, torch.Tensor], ratio: float,
            global_pruning: bool = False, round_to: int = 1,
-           original_units: dict[str, int] | None = None) -> dict[str, list[int]]:
+           original_units: dict[str, int] | None = None,
+           rounding: Rounding = "reference") -> dict[str, list[int]]:
     """``{family.key: removed unit indices}`` (lowest scores removed).
 
     ``ratio`` is the fraction of ``original_units`` (default: the current counts) to be gone after this
@@ -50,7 +80,9 @@ def choose(families: list[Family], scores: dict[str, torch.Tensor], ratio: float
     if not global_pruning:
         for fam in families:
             n0 = original.get(fam.key, fam.n_units)
-            keep = min(fam.n_units, kept_count(n0, ratio, round_to, channels_per_unit(fam)))
+            keep = fam.n_units - removed_count(fam.n_units, n0, ratio, narrowest(fam), rounding)
+            if round_to > 1:
+                keep = min(fam.n_units, kept_count(keep, 0.0, round_to, channels_per_unit(fam)))
             order = torch.argsort(scores[fam.key], stable=True)
             removed[fam.key] = sorted(order[: fam.n_units - keep].tolist())
         return removed
@@ -75,16 +107,19 @@ def choose(families: list[Family], scores: dict[str, torch.Tensor], ratio: float
 
 
 def make_plan(model: nn.Module, families: list[Family], removed: dict[str, list[int]]) -> PruningPlan:
-    """Turn removed units into kept indices per ``(parameter, dim)``."""
+    """Turn removed units into kept indices per ``(parameter, dim)``. Families may overlap (a KV group
+    and the query-head family of the same layer both hold ``q_proj`` rows): the removed sets unite."""
     shapes = {n: p.shape for n, p in model.named_parameters()}
     plan = PruningPlan(removed_units={k: v for k, v in removed.items()})
+    gone: dict[tuple[str, int], set[int]] = {}
     for fam in families:
         units = removed.get(fam.key, [])
         if not units:
             continue
         for m in fam.members:
-            gone = set(m.indices[units].reshape(-1).tolist())
-            keep = [i for i in range(shapes[m.param][m.dim]) if i not in gone]
-            assert keep, f"{m.param} dim {m.dim} would lose every index"
-            plan.keep.setdefault(m.param, {})[m.dim] = keep
+            gone.setdefault((m.param, m.dim), set()).update(m.indices[units].reshape(-1).tolist())
+    for (param, dim), out in gone.items():
+        keep = [i for i in range(shapes[param][dim]) if i not in out]
+        assert keep, f"{param} dim {dim} would lose every index"
+        plan.keep.setdefault(param, {})[dim] = keep
     return plan

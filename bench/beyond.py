@@ -29,7 +29,7 @@ ALL = dict(attention_layers=range(0, 5), mlp_layers=range(0, 5))
 def settings(budget: float) -> list[tuple[str, dict, str]]:
     """(name, prune() kwargs, which calibration set)."""
     depth_layers = 1  # of 5 layers: 20% of the non-embedding parameters
-    return [
+    rows = [
         ("random (paper, uniform ratio)", dict(pruner_type="random", pruning_ratio=budget, **ALL), "paper"),
         ("taylor param_first (paper)", dict(pruner_type="taylor", pruning_ratio=budget, **ALL), "paper"),
         ("taylor param_mix (paper)", dict(pruner_type="taylor", taylor="param_mix", pruning_ratio=budget, **ALL), "paper"),
@@ -50,6 +50,18 @@ def settings(budget: float) -> list[tuple[str, dict, str]]:
                                                  prune_layers=depth_layers, layer_importance="ppl"), "many"),
         ("depth only (block influence)" if budget <= 0.2 else "depth 2 layers (block influence)",
          dict(pruner_type="l2", pruning_ratio=0.0, prune_layers=1 if budget <= 0.2 else 2), "many"),
+    ]
+    for _, kwargs, _ in rows:  # the rows above measure the adaptive (z-score) ranking, as they always did
+        if "param_budget" in kwargs:
+            kwargs.setdefault("budget_criterion", "zscore")
+    return rows + [
+        ("wanda + budget + refit_oneshot (dense statistics)",
+         dict(pruner_type="wanda", param_budget=budget, compensation="refit_oneshot", budget_criterion="zscore"),
+         "many"),
+        ("wanda + uniform budget + refit", dict(pruner_type="wanda", param_budget=budget, compensation="refit",
+                                                budget_criterion="uniform"), "many"),
+        ("taylor + uniform budget + refit", dict(pruner_type="taylor", param_budget=budget, compensation="refit",
+                                                 budget_criterion="uniform"), "many"),
     ]
 
 

@@ -54,8 +54,8 @@ def test_without_compensation_the_same_removal_changes_outputs():
 
 def test_bias_compensation_adds_loadable_biases_to_a_bias_free_llama():
     model = tiny_model()
-    prune(model, pruner_type="fluctuation", pruning_ratio=0.25, attention_layers=range(1, 2),
-          mlp_layers=range(1, 2), examples=EX, compensation="bias")
+    prune(model, pruner_type="fluctuation", pruning_ratio=0.5, attention_layers=range(1, 2),
+          mlp_layers=range(1, 2), examples=EX, compensation="bias")  # 1 of 2 KV groups, 24 of 48 channels
     assert model.config.mlp_bias and model.config.attention_bias
     assert model.model.layers[1].mlp.down_proj.bias.abs().sum() > 0
     assert model.model.layers[0].mlp.gate_proj.bias.abs().sum() == 0  # zero elsewhere
@@ -73,7 +73,7 @@ def test_refit_is_exact_when_removed_input_is_a_combination_of_kept_ones():
 
 def test_refit_reduces_calibration_reconstruction_error():
     errors = {}
-    for method in ("none", "refit"):
+    for method in ("none", "refit_oneshot"):
         model = tiny_model()
         fams = [f for f in discover(model).families if f.key == "mlp@1"]
         down = model.model.layers[1].mlp.down_proj
@@ -89,7 +89,7 @@ def test_refit_reduces_calibration_reconstruction_error():
         kept = plan.keep["model.layers.1.mlp.down_proj.weight"][1]
         apply_plan(model, plan)
         errors[method] = ((x[:, kept] @ model.model.layers[1].mlp.down_proj.weight.detach().T - target) ** 2).sum()
-    assert errors["refit"] < 0.8 * errors["none"]  # measured: 0.0041 vs 0.0074
+    assert errors["refit_oneshot"] < 0.8 * errors["none"]  # measured: 0.0041 vs 0.0074
 
 
 def test_fluctuation_and_wanda_scores_by_hand():
@@ -120,7 +120,7 @@ def test_parameter_budget_is_met_within_one_unit(budget):
     fams = [f for f in discover(model).families if f.kind in ("attention", "mlp")]
     biggest = max(unit_cost(model, f) for f in fams)
     start = non_embedding_parameters(model)
-    prune(model, pruner_type="l2", param_budget=budget)
+    prune(model, pruner_type="l2", param_budget=budget, budget_criterion="zscore")
     removed = start - non_embedding_parameters(model)
     assert abs(removed - budget * start) <= biggest
     shapes = [(l.self_attn.q_proj.out_features, l.mlp.gate_proj.out_features) for l in model.model.layers]

@@ -1,0 +1,168 @@
+"""Sequential compensation: prune and refit one decoder layer at a time, on the inputs the *pruned*
+model actually produces (SparseGPT / SlimGPT style).
+
+Two hidden-state streams go through the decoder layer by layer over the calibration samples: the dense
+model's and the pruned-so-far model's. In layer ``L``, for each consumer (``o_proj`` then ``down_proj``:
+the linear layers whose input channels lose units), the consumer's inputs are captured in both streams
+(``x`` dense, ``x~`` pruned) and the layer's kept input columns are refitted by ``refit_layer`` to map
+``x~_K`` to ``W x~`` (default) or to the dense output ``W x``, with a per-layer fallback to plain slicing when that is not better
+on the calibration reconstruction. Then the units are sliced away and both streams move to layer
+``L + 1``. Errors are corrected where they arise instead of compounding, as one-shot compensation from
+dense-model statistics does.
+
+Library entry point: ``sequential_prune``. The per-layer math (``CrossStats``, ``refit_layer``) takes
+plain tensors so a streamed (offloaded) pass can call it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn as nn
+
+from .activations import InputStats, activation_channel_scores
+from .adapters import get_adapter
+from .compensate import CrossStats, refit_layer
+from .estimate import unit_scores
+from .graph import Family
+from .select import make_plan
+from .shrink import apply_plan
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, examples: torch.Tensor, batch_size: int):
+    """Per batch: the first decoder layer's input hidden states and keyword arguments (mask, rotary)."""
+    layers = get_adapter(model).decoder_layers(model)
+    device = next(model.parameters()).device
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for s in range(0, len(examples), batch_size):
+            try:
+                model(input_ids=examples[s:s + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return [(h, {k: v for k, v in kw.items() if k not in ("hidden_states",)}) for h, kw in captured]
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def _cross_stats(dense_layer, layer, rel: str, batches, dense_h, pruned_h,
+                 target: str = "dense") -> tuple[CrossStats, CrossStats]:
+    """Run both streams through layer ``L`` and accumulate the statistics of consumer ``rel``'s input:
+    (fit, check) from alternate tokens (odd/even positions of every sample: both halves see every text)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [dense_layer.get_submodule(rel).register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+             layer.get_submodule(rel).register_forward_pre_hook(lambda m, a: seen.__setitem__("xp", a[0]))]
+    fit = check = None
+    try:
+        for (_, kw), hd, hp in zip(batches, dense_h, pruned_h):
+            dense_layer(hd, **kw)
+            layer(hp, **kw)
+            xp = seen["xp"].float()                                      # [B, T, in]
+            x = seen["x"].float() if target == "dense" else xp
+            if fit is None:
+                fit, check = CrossStats.empty(x.shape[-1]), CrossStats.empty(x.shape[-1])
+            d = x.shape[-1]
+            fit.add(x[:, 0::2].reshape(-1, d), xp[:, 0::2].reshape(-1, d))
+            check.add(x[:, 1::2].reshape(-1, d), xp[:, 1::2].reshape(-1, d))
+    finally:
+        for h in hooks:
+            h.remove()
+    return fit, check
+
+
+def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
+                     examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
+                     reselect: str | None = None, grouping: str = "sum",
+                     target: str = "pruned") -> dict[str, list[int]]:
+    """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the
+    units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
+    in each family from the pruned model's own input statistics). Families must be per-layer.
+    ``target="pruned"`` (default, better measured on stories260K: 8.74 vs 9.28 PPL at a 20 % budget) fits
+    ``V x~_K`` to ``W x~`` (SparseGPT's layer-wise objective); ``"dense"`` to the dense model's ``W x``
+    (tries to correct upstream error too)."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers) + "."
+    by_layer: dict[int, list[Family]] = {}
+    for fam in families:
+        assert fam.layer is not None, f"sequential compensation needs per-layer families, got {fam.key}"
+        by_layer.setdefault(fam.layer, []).append(fam)
+    batches = layer_inputs(model, examples, batch_size)
+    dense_h = [h for h, _ in batches]
+    pruned_h = list(dense_h)
+    final: dict[str, list[int]] = {}
+    diverged = False  # the streams are the same tensors until the first pruned layer
+    for li, layer in enumerate(layers):
+        fams = by_layer.get(li, [])
+        dense_layer = layer
+        if any(removed.get(f.key) for f in fams):
+            dense_layer, diverged = copy.deepcopy(layer), True
+            for consumer, group in _by_consumer(model, fams, prefix + f"{li}."):
+                rel = consumer[len(prefix + f"{li}."):].rpartition(".")[0]
+                fit, check = _cross_stats(dense_layer, layer, rel, batches, dense_h, pruned_h, target)
+                chosen = {f.key: removed.get(f.key, []) for f in group}
+                if reselect:
+                    chosen = _reselect(model, group, chosen, consumer, fit.merged(check), reselect, grouping)
+                final.update(chosen)
+                _refit_and_slice(model, group, chosen, consumer, fit, check, ridge)
+        with torch.no_grad():
+            new_dense = [_out(dense_layer(h, **kw)) for (_, kw), h in zip(batches, dense_h)]
+            pruned_h = [_out(layer(h, **kw)) for (_, kw), h in zip(batches, pruned_h)] if diverged else new_dense
+            dense_h = new_dense
+    return final
+
+
+def _by_consumer(model, fams, layer_prefix):
+    """Group a layer's families by the linear layer whose input they prune, in the model's order."""
+    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    groups: dict[str, list[Family]] = {}
+    for fam in fams:
+        names = [m.param for m in fam.members if m.dim == 1 and m.param.startswith(layer_prefix)
+                 and m.param.endswith(".weight")]
+        assert len(names) == 1, f"{fam.key}: expected one consumer, got {names}"
+        groups.setdefault(names[0], []).append(fam)
+    return sorted(groups.items(), key=lambda kv: order[kv[0]])
+
+
+def _reselect(model, group, chosen, consumer, stats: CrossStats, metric, grouping):
+    s = InputStats(stats.count, stats.total, stats.gram.diagonal().clone(), None)
+    channel = activation_channel_scores(model, group, {consumer: s}, metric)
+    scores = unit_scores(group, channel, grouping)
+    out = {}
+    for f in group:
+        n = len(chosen.get(f.key, []))
+        out[f.key] = sorted(torch.argsort(scores[f.key], stable=True)[:n].tolist())
+    return out
+
+
+@torch.no_grad()
+def _refit_and_slice(model, group, chosen, consumer, fit, check, ridge) -> None:
+    plan = make_plan(model, group, chosen)
+    keep = plan.keep.get(consumer, {}).get(1)
+    if keep is None:
+        return
+    w = dict(model.named_parameters())[consumer]
+    kept = torch.as_tensor(keep)
+    new, report = refit_layer(w.detach().double().cpu(), fit, kept, ridge, check)
+    logger.info("%s: %s", consumer, report)
+    w[:, kept] = new.to(w.dtype).to(w.device)
+    apply_plan(model, plan)
