@@ -65,18 +65,33 @@ def test_layer_wise_needs_no_calibration_data_and_refuses_compensation():
                                                      "max_position_embeddings 64"),
     (["--layer_wise", "--layer", "2", "--compensation", "refit"], "does not apply to --layer_wise"),
 ])
-def test_flags_checked_against_the_model(flags, message):
-    args = hf_prune.parse_args(["--block_attention_layer_start", "0", "--block_mlp_layer_start", "0"] + flags)
+def test_flags_checked_against_the_model(flags, message, local_flags):
+    args = hf_prune.parse_args(local_flags + ["--block_attention_layer_start", "0", "--block_mlp_layer_start", "0"]
+                               + flags)
     with pytest.raises(ValueError, match=message):
-        hf_prune.check_against_model(tiny_model(), args)
+        hf_prune.check_against_model(tiny_model().config, args)
 
 
-def test_lengths_within_the_model_and_unused_lengths_pass():
-    args = hf_prune.parse_args(["--block_attention_layer_start", "0", "--block_mlp_layer_start", "0",
-                                "--max_seq_len", "64", "--calibration_seq_len", "64"])
-    hf_prune.check_against_model(tiny_model(), args)
-    args = hf_prune.parse_args(["--layer_wise", "--layer", "2", "--max_seq_len", "4096"])  # no evaluation
-    hf_prune.check_against_model(tiny_model(), args)
+def test_lengths_within_the_model_and_unused_lengths_pass(local_flags):
+    args = hf_prune.parse_args(local_flags + ["--block_attention_layer_start", "0", "--block_mlp_layer_start", "0",
+                                              "--max_seq_len", "64", "--calibration_seq_len", "64"])
+    hf_prune.check_against_model(tiny_model().config, args)
+    args = hf_prune.parse_args(local_flags + ["--layer_wise", "--layer", "2", "--max_seq_len", "4096"])
+    hf_prune.check_against_model(tiny_model().config, args)  # no evaluation: any --max_seq_len
+
+
+@pytest.fixture
+def local_flags(tmp_path):
+    """Flags naming local files, so parse_args' up-front checks pass offline (no Hub names)."""
+    folder = tmp_path / "model"
+    tiny_model().save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text\n\nmore text\n")
+    eval_dir = tmp_path / "data"
+    (eval_dir / "wikitext2").mkdir(parents=True)
+    (eval_dir / "ptb").mkdir()
+    return ["--base_model", str(folder), "--calibration_data", str(text), "--log_dir", str(tmp_path / "log"),
+            "--eval_data_dir", str(eval_dir), "--device", "cpu", "--eval_device", "cpu"]
 
 
 @pytest.mark.slow

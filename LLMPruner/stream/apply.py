@@ -116,7 +116,7 @@ def streamed_apply(model: nn.Module, source: WeightSource, families: list[Family
         part.load(source, opts.device, opts.dtype)
         names = [n for n in cons if n in part.names]
         stats, out = layer_stats(model, layers[i], names, states.get(i), calls, opts,
-                                 gram=opts.compensation == "refit") if use_stats else ({}, None)
+                                 gram=opts.compensation in ("refit", "refit_oneshot")) if use_stats else ({}, None)
         if opts.metric is not None and collect is not None:
             collect.update(activation_channel_scores(model, families, stats, opts.metric))
         if opts.metric is not None and select is not None:
@@ -126,7 +126,9 @@ def streamed_apply(model: nn.Module, source: WeightSource, families: list[Family
             plan.keep.update(layer_plan.keep)
             plan.removed_units.update(layer_plan.removed_units)
         mine = PruningPlan(keep={n: d for n, d in plan.keep.items() if n in part.names})
-        deltas = compensate(model, mine, stats, opts.compensation, opts.ridge)
+        # one layer at a time, a refit is the least squares of that layer (compensate's one-shot form)
+        method = "refit_oneshot" if opts.compensation == "refit" else opts.compensation
+        deltas = compensate(model, mine, stats, method, opts.ridge)
         if mine.keep:
             apply_plan(model, mine)
         if kinds:

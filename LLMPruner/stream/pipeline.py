@@ -78,7 +78,7 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
                     attention_layers: range | None = None, mlp_layers: range | None = None,
                     global_pruning: bool = False, examples: torch.Tensor | None = None, seed: int = 0,
                     round_to: int = 1, param_budget: float | None = None, compensation: Compensation = "none",
-                    ridge: float = 1e-3, sequential: bool = False, calibration_batch_size: int = 8,
+                    ridge: float | None = None, sequential: bool = False, calibration_batch_size: int = 8,
                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     max_memory: str | int | None = None, offload_states_to_disk: bool = False,
                     provenance: dict | None = None) -> OffloadResult:
@@ -94,6 +94,10 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
         params_before = sum(p.numel() for p in model.parameters())
         targets = _targets(discover_streamed(model).families, mode, attention_layers, mlp_layers, param_budget)
         _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device)
+    # --compensation refit is sequential (layer i refit on the outputs of the pruned layers 0..i-1), as in
+    # memory; refit_oneshot uses the dense model's statistics, and then equals the in-memory refit_oneshot
+    sequential = sequential or compensation == "refit"
+    ridge = 1e-3 if ridge is None else ridge
     opts = PassOptions(device=device, dtype=dtype, batch_size=calibration_batch_size, compensation=compensation,
                        ridge=ridge, sequential=sequential, grouping=grouping_strategy)
     width = pruning_ratio if param_budget is None else param_budget
