@@ -180,9 +180,11 @@ def distill_trainer_class(teacher: torch.nn.Module, config: DistillConfig):
             return loss.detach(), None, None
 
         def log(self, logs: dict, *args, **kwargs) -> None:
-            n = self._logged["n"]
-            if "loss" in logs and n:
-                logs["kl"], logs["ce"] = self._logged["kl"] / n, self._logged["ce"] / n
+            if "loss" in logs and self._logged["n"]:  # every rank logs here: mean over all ranks' micro-batches
+                sums = torch.tensor([self._logged[k] for k in ("kl", "ce", "n")], device=self.args.device)
+                if self.args.world_size > 1:
+                    sums = self.accelerator.reduce(sums, reduction="sum")
+                logs["kl"], logs["ce"] = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
                 self._logged = {"kl": 0.0, "ce": 0.0, "n": 0}
             super().log(logs, *args, **kwargs)
 
