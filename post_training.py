@@ -168,7 +168,8 @@ def main(argv=None) -> dict:
     resume = args.resume_from_checkpoint
     result = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     report.update(train_loss=result.training_loss, global_step=trainer.state.global_step,
-                  best_checkpoint=trainer.state.best_model_checkpoint)
+                  best_checkpoint=trainer.state.best_model_checkpoint,
+                  train_runtime_s=result.metrics.get("train_runtime"))
 
     # 4. adapter (best by validation loss when there is one), merged model, report
     if trainer.is_world_process_zero():

@@ -30,7 +30,7 @@ class DistillConfig:
     loss: DistillLoss = "kl"
     alpha: float = 0.5          # weight of the CE term with loss="kl+ce" (the KL term gets 1 - alpha)
     temperature: float = 1.0
-    chunk_tokens: int = 512     # rows of logits materialised at a time
+    chunk_tokens: int = 256     # rows of logits materialised at a time
     teacher_device: str | None = None  # None: the student's device
 
     @property

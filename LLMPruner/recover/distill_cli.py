@@ -22,7 +22,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse._Argument
                         "default: the base_model recorded in --prune_model's pruning.json")
     g.add_argument("--kd_alpha", type=float, default=0.5, help="weight of the CE term with --distill_loss kl+ce")
     g.add_argument("--kd_temperature", type=float, default=1.0, help="softmax temperature T of both models")
-    g.add_argument("--kd_chunk_tokens", type=int, default=512,
+    g.add_argument("--kd_chunk_tokens", type=int, default=256,
                    help="token positions whose logits exist at once (peak memory ~ 6 x this x vocab floats)")
     g.add_argument("--distill_on", default="instruction",
                    help="training text: 'instruction' (the --data_path examples) or a .txt (blank-line "

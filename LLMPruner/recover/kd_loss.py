@@ -82,7 +82,7 @@ class _ChunkedKD(torch.autograd.Function):
 def chunked_kd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, *,
                     student_weight: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
                     temperature: float = 1.0, kl_weight: float = 1.0, ce_weight: float = 0.0,
-                    chunk: int = 512) -> KDLoss:
+                    chunk: int = 256) -> KDLoss:
     """The distillation loss over N positions.
 
     ``student``/``teacher``: ``[N, H]`` hidden states with their head ``*_weight`` ``[V, H]``, or ``[N, V]``
