@@ -66,14 +66,31 @@ def recover(name: str, pruned: Path, teacher: str, out: Path, args) -> dict:
            "--output_dir", str(out), "--batch_size", str(args.batch), "--micro_batch_size", str(args.micro),
            "--max_steps", str(args.steps), "--num_epochs", "100", "--cutoff_len", str(args.cutoff),
            "--val_set_size", "0", "--save_steps", "1000000", "--logging_steps", "4", "--learning_rate", str(lr),
-           "--warmup_steps", str(max(1, args.steps // 10)), "--seed", "0", "--merge", *flags]
+           "--warmup_steps", str(max(1, args.steps // 10)), "--seed", "0",
+           *([] if args.throughput_only else ["--merge"]), *flags]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=ENV, check=True)
     report = json.loads((out / "recovery_report.json").read_text())
     tokens = args.steps * args.batch * args.cutoff
-    return {"run": name, "lr": lr, "tokens": tokens, "train_s": round(report["train_runtime_s"], 1),
+    return {"run": name, "lr": f"{lr:g}", "tokens": tokens, "train_s": round(report["train_runtime_s"], 1),
             "tokens_per_s": round(tokens / report["train_runtime_s"], 1),
-            "wall_s": round(time.perf_counter() - start, 1), **protocol_ppl(str(out / "merged"))}
+            "wall_s": round(time.perf_counter() - start, 1),
+            **({} if args.throughput_only else protocol_ppl(str(out / "merged")))}
+
+
+def throughput(pruned: Path, work: Path, args) -> None:
+    """Alternate the runs ``--repeat`` times; each run's best tokens/s and its ratio to LoRA + CE's."""
+    best: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for name in args.runs.split(","):
+            row = recover(name, pruned, args.smollm2, work / ("tp_" + name.replace(" + ", "_")), args)
+            print(json.dumps(row), flush=True)
+            if row["tokens_per_s"] > best.get(name, {}).get("tokens_per_s", 0):
+                best[name] = row
+    rows = list(best.values())
+    for r in rows:
+        r["speed / LoRA+CE"] = r["tokens_per_s"] / best["LoRA + CE"]["tokens_per_s"] if "LoRA + CE" in best else ""
+    print(table(rows, ["run", "tokens", "train_s", "tokens_per_s", "speed / LoRA+CE"]))
 
 
 def main() -> None:
@@ -89,6 +106,9 @@ def main() -> None:
     p.add_argument("--lr_full", type=float, default=2e-4)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--eval_windows", type=int, default=160, help="first N of the protocol's 160 windows per set")
+    p.add_argument("--throughput_only", action="store_true",
+                   help="tokens/s only: no perplexity, no merge (WORK/pruned must exist); --repeat rounds")
+    p.add_argument("--repeat", type=int, default=1, help="with --throughput_only: alternate the runs N times")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     args = p.parse_args()
     global EVAL_WINDOWS
@@ -99,6 +119,8 @@ def main() -> None:
             sys.exit(f"this benchmark needs {need} (../shared), which is absent")
     work = Path(args.work or tempfile.mkdtemp(prefix="recover_smollm2_"))
     pruned = work / "pruned"
+    if args.throughput_only:
+        return throughput(pruned, work, args)
     if not (pruned / "config.json").is_file():
         prune(args.smollm2, pruned, args.prune_flags)
     rows = [{"run": "dense", **protocol_ppl(args.smollm2)}, {"run": "pruned", **protocol_ppl(str(pruned))}]

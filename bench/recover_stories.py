@@ -70,10 +70,10 @@ def distillation_grid(prune_model: str, texts: dict[str, str], heldout: str, tmp
         for run, flags in KD_RUNS.items():
             kd = ("--teacher", str(SHARED / "models/stories260K"), "--kd_temperature", str(args.kd_temperature)) \
                 if "KD" in run else ()
-            lr = args.lr_full if "full" in run else args.lr
+            lr = args.lr_full if "full" in run else (args.lr_lora_kd or args.lr) if "KD" in run else args.lr
             out = tmp / f"{data_name}_{run.replace(' + ', '_')}"
             report = recover(prune_model, text, heldout, out, args, ("--distill_on", text, *flags, *kd), lr=lr)
-            rows.append({"data": data_name, "run": run, "lr": lr, "ppl": next(iter(report["ppl_after"].values())),
+            rows.append({"data": data_name, "run": run, "lr": f"{lr:g}", "ppl": next(iter(report["ppl_after"].values())),
                          "train_s": report["train_runtime_s"]})
     return rows
 
@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--prune_model", default=str(REPO / "prune_log" / "stories_0.25"))
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of 16 examples per recovery run")
     p.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
+    p.add_argument("--lr_lora_kd", type=float, default=None, help="LoRA + KD learning rate (default: --lr)")
     p.add_argument("--lr_full", type=float, default=1e-3, help="full-weight learning rate")
     p.add_argument("--kd_temperature", type=float, default=1.0)
     p.add_argument("--throughput_examples", type=int, default=512)
