@@ -25,6 +25,9 @@ from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
 from LLMPruner.recover import (RecoveryConfig, build_instruction_datasets, build_text_eval_dataset,
                                build_trainer, default_dtype, last_complete_checkpoint, merge_adapter,
                                reporting_disk_full, save_merged)
+from LLMPruner.recover.distill import DistillConfig, distill_trainer_class
+from LLMPruner.recover.distill_cli import add_distill_arguments, check_distill_args
+from LLMPruner.recover.packing import build_packed_datasets
 
 logger = logging.getLogger("post_training")
 
@@ -85,8 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--allow_pickle", action="store_true",
                    help="let --prune_model be a reference LLM-Pruner pickle (prune_log/X/pytorch_model.bin): "
                         "this RUNS PICKLED CODE; only for files you trust")
+    add_distill_arguments(p)
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
+    check_distill_args(p, args)
     check_inputs(args)
     return args
 
@@ -137,7 +142,28 @@ def recovery_config(args: argparse.Namespace, target_modules: list[str]) -> Reco
         eval_steps=args.eval_steps, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
         logging_steps=args.logging_steps, dtype=args.dtype or default_dtype(args.device), seed=args.seed,
         report_to=["wandb"] if args.wandb_project else [], deepspeed=args.deepspeed, fsdp=args.fsdp,
-        fsdp_config=args.fsdp_config, use_cpu=args.device == "cpu")
+        fsdp_config=args.fsdp_config, use_cpu=args.device == "cpu", train_mode=args.train_mode)
+
+
+def distill_trainer(args: argparse.Namespace, dtype: torch.dtype):
+    """The distillation Trainer class (teacher loaded on the CPU), or None without --distill_loss."""
+    if args.distill_loss == "none":
+        return None
+    teacher, _ = load_model(args.teacher, device="cpu", dtype=dtype)
+    return distill_trainer_class(teacher, DistillConfig(
+        loss=args.distill_loss, alpha=args.kd_alpha, temperature=args.kd_temperature,
+        chunk_tokens=args.kd_chunk_tokens, teacher_device=args.teacher_device))
+
+
+def save_full(model, tokenizer, args: argparse.Namespace, dtype: torch.dtype):
+    """--train_mode full: the trained weights, as a pruned checkpoint in OUTPUT_DIR/merged."""
+    from LLMPruner.checkpoint import save_pruned
+    model = model.to(dtype)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = None  # a pad id set for training is no generation default
+    provenance = {"base_model": args.teacher, "recovered_from": args.prune_model, "train_mode": "full",
+                  "distill_loss": args.distill_loss}
+    return save_pruned(model, tokenizer, os.path.join(args.output_dir, "merged"), provenance)
 
 
 def main(argv=None) -> dict:
@@ -157,16 +183,22 @@ def main(argv=None) -> dict:
     # 1. the (pruned) model, in the training dtype; the Trainer places it on the device
     dtype = args.dtype or default_dtype(args.device)
     load_dtype = torch.float32 if dtype == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model, tokenizer = load_model(args.prune_model, device="cpu", dtype=load_dtype, allow_pickle=args.allow_pickle)
+    # full training keeps fp32 master weights (bf16/fp16 through autocast); the teacher keeps load_dtype
+    model, tokenizer = load_model(args.prune_model, device="cpu", allow_pickle=args.allow_pickle,
+                                  dtype=torch.float32 if args.train_mode == "full" else load_dtype)
     targets = args.lora_target_modules.split(",") if args.lora_target_modules else \
         list(get_adapter(model).lora_target_modules)
 
-    # 2. data: tokenized instruction examples (+ language-modelling validation sets)
-    train, val = build_instruction_datasets(
-        args.data_path, tokenizer, cutoff_len=args.cutoff_len, val_set_size=args.val_set_size,
-        prompt_template_name=None if args.no_instruction else args.prompt_template_name,
-        train_on_inputs=args.train_on_inputs, add_eos_token=args.add_eos_token, seed=args.seed,
-        cache_dir=args.cache_dir if args.cache_dataset else None)
+    # 2. data: tokenized instruction examples or packed text blocks (+ language-modelling validation sets)
+    if args.distill_on != "instruction":
+        train, val = build_packed_datasets(args.distill_on, tokenizer, args.cutoff_len, args.val_set_size,
+                                           seed=args.seed, add_eos=args.add_eos_token)
+    else:
+        train, val = build_instruction_datasets(
+            args.data_path, tokenizer, cutoff_len=args.cutoff_len, val_set_size=args.val_set_size,
+            prompt_template_name=None if args.no_instruction else args.prompt_template_name,
+            train_on_inputs=args.train_on_inputs, add_eos_token=args.add_eos_token, seed=args.seed,
+            cache_dir=args.cache_dir if args.cache_dataset else None)
     evals = {"instruct": val} if val is not None else {}
     for name in filter(None, (args.extra_val_dataset or "").split(",")):
         key = os.path.splitext(os.path.basename(name))[0]
@@ -176,25 +208,31 @@ def main(argv=None) -> dict:
     report: dict = {"ppl_before": evaluate_ppl(model, tokenizer, ppl_sets, args.eval_seq_len,
                                                data_dir=args.data_dir) if ppl_sets and rank == 0 else {}}
 
-    # 3. LoRA + Trainer
-    trainer = build_trainer(model, tokenizer, train, evals, recovery_config(args, targets))
+    # 3. LoRA (or full weights) + Trainer (+ the teacher with --distill_loss)
+    trainer = build_trainer(model, tokenizer, train, evals, recovery_config(args, targets),
+                            trainer_class=distill_trainer(args, load_dtype))
     resume = args.resume_from_checkpoint
     if resume == "last":  # the newest *complete* checkpoint-N (Trainer's own pick may be a truncated one)
         resume = last_complete_checkpoint(args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     report.update(train_loss=result.training_loss, global_step=trainer.state.global_step,
-                  best_checkpoint=trainer.state.best_model_checkpoint)
+                  best_checkpoint=trainer.state.best_model_checkpoint,
+                  train_runtime_s=result.metrics.get("train_runtime"))
 
     # 4. adapter (best by validation loss when there is one), merged model, report
     if trainer.is_world_process_zero():
-        with reporting_disk_full(os.path.join(args.output_dir, "adapter")):
-            trainer.model.save_pretrained(os.path.join(args.output_dir, "adapter"))
-            tokenizer.save_pretrained(os.path.join(args.output_dir, "adapter"))
+        if args.train_mode == "lora":
+            with reporting_disk_full(os.path.join(args.output_dir, "adapter")):
+                trainer.model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+                tokenizer.save_pretrained(os.path.join(args.output_dir, "adapter"))
         peft_model = trainer.model.float()
         if ppl_sets:
             report["ppl_after"] = evaluate_ppl(peft_model, tokenizer, ppl_sets, args.eval_seq_len,
                                                data_dir=args.data_dir)
-        if args.merge:
+        if args.train_mode == "full":
+            with reporting_disk_full(args.output_dir):
+                report["merged"] = str(save_full(peft_model, tokenizer, args, load_dtype))
+        elif args.merge:
             with reporting_disk_full(os.path.join(args.output_dir, "merged")):
                 report["merged"] = str(save_merged(peft_model, tokenizer, os.path.join(args.output_dir, "merged"),
                                                    dtype=load_dtype))  # merged in fp32, saved in the model's dtype

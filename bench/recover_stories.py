@@ -1,12 +1,14 @@
-"""Recovery on the real stories260K: perplexity before/after LoRA recovery, and training throughput.
+"""Recovery on the real stories260K: perplexity before/after LoRA recovery and distillation, throughput.
 
     python bench/recover_stories.py            # needs ../shared and hf_prune.py (prunes at 0.25 first)
 
 1. prune stories260K at 0.25 (hf_prune.py, block-wise layers 1-3, Taylor) unless --prune_model exists;
 2. split ../shared/data/tinystories: first 20 % of the stories for training, the other 80 % for perplexity;
-3. recover with post_training.py on (a) Alpaca instructions and (b) the in-domain 20 %, reporting
-   TinyStories perplexity (128-token windows) before and after;
-4. throughput: post_training's Trainer against a plain peft + Trainer loop on the same model and data.
+3. recover with post_training.py on (a) Alpaca instructions and (b) the in-domain 20 %, one example per
+   story (the reference's recipe), reporting TinyStories perplexity (128-token windows) before and after;
+4. distillation grid: LoRA + CE, LoRA + KD, full + KD on the same packed blocks (--steps x 16 blocks of 256
+   tokens) of (a) the in-domain 20 % and (b) ../shared/data/c4 text, with the share of lost PPL recovered;
+5. throughput: post_training's Trainer against a plain peft + Trainer loop on the same model and data.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMPRUNER_SHARED", REPO.parent / "shared"))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from common import table  # noqa: E402
 
 
 def prune(folder: Path) -> None:
@@ -44,13 +48,41 @@ def split_stories(tmp: Path) -> tuple[str, str]:
     return str(tmp / "train.txt"), str(tmp / "heldout.txt")
 
 
-def recover(prune_model: str, data: str, heldout: str, out: Path, args) -> dict:
+def recover(prune_model: str, data: str, heldout: str, out: Path, args, extra: tuple[str, ...] = (),
+            lr: float | None = None) -> dict:
     import post_training
     argv = ["--prune_model", prune_model, "--data_path", data, "--output_dir", str(out), "--batch_size", "16",
             "--micro_batch_size", "8", "--num_epochs", "1", "--max_steps", str(args.steps), "--learning_rate",
-            str(args.lr), "--warmup_steps", "5", "--cutoff_len", "256", "--val_set_size", "64", "--eval_steps",
-            str(args.steps), "--save_steps", str(args.steps), "--eval_ppl", heldout, "--merge", "--seed", "0"]
+            str(lr or args.lr), "--warmup_steps", "5", "--cutoff_len", "256", "--val_set_size", "64",
+            "--eval_steps", str(args.steps), "--save_steps", str(args.steps), "--eval_ppl", heldout, "--merge",
+            "--seed", "0", *extra]
     return post_training.main(argv)
+
+
+KD_RUNS = {"LoRA + CE": ("--distill_loss", "none"), "LoRA + KD": ("--distill_loss", "kl"),
+           "full + KD": ("--distill_loss", "kl", "--train_mode", "full")}
+
+
+def distillation_grid(prune_model: str, texts: dict[str, str], heldout: str, tmp: Path, args) -> list[dict]:
+    """Every KD_RUNS entry on the same packed blocks of each text; PPL on the held-out stories."""
+    rows = []
+    for data_name, text in texts.items():
+        for run, flags in KD_RUNS.items():
+            kd = ("--teacher", str(SHARED / "models/stories260K"), "--kd_temperature", str(args.kd_temperature)) \
+                if "KD" in run else ()
+            lr = args.lr_full if "full" in run else (args.lr_lora_kd or args.lr) if "KD" in run else args.lr
+            out = tmp / f"{data_name}_{run.replace(' + ', '_')}"
+            report = recover(prune_model, text, heldout, out, args, ("--distill_on", text, *flags, *kd), lr=lr)
+            rows.append({"data": data_name, "run": run, "lr": f"{lr:g}", "ppl": next(iter(report["ppl_after"].values())),
+                         "train_s": report["train_runtime_s"]})
+    return rows
+
+
+def evaluate_text(folder: str, text: str) -> dict[str, float]:
+    from LLMPruner.checkpoint import load_model
+    from LLMPruner.evaluate.ppl import evaluate_ppl
+    model, tok = load_model(folder, dtype=torch.float32)
+    return evaluate_ppl(model.eval(), tok, [text], 128)
 
 
 def throughput(prune_model: str, data: str, examples: int) -> dict[str, float]:
@@ -91,8 +123,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prune_model", default=str(REPO / "prune_log" / "stories_0.25"))
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of 16 examples per recovery run")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
+    p.add_argument("--lr_lora_kd", type=float, default=None, help="LoRA + KD learning rate (default: --lr)")
+    p.add_argument("--lr_full", type=float, default=1e-3, help="full-weight learning rate")
+    p.add_argument("--kd_temperature", type=float, default=1.0)
     p.add_argument("--throughput_examples", type=int, default=512)
+    p.add_argument("--only_distillation", action="store_true", help="skip steps 3 and 5")
     args = p.parse_args()
     torch.set_num_threads(1)
     if not SHARED.exists():
@@ -100,20 +136,32 @@ def main() -> None:
     if not Path(args.prune_model, "config.json").is_file():
         prune(Path(args.prune_model))
     alpaca = str(SHARED / "data/alpaca/alpaca_5000.json")
+    ppl = lambda d: round(next(iter(d.values())), 3)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         train_txt, heldout = split_stories(Path(tmp))
-        report = {"dense": recover(str(SHARED / "models/stories260K"), alpaca, heldout, Path(tmp) / "d", args)
-                  ["ppl_before"], "alpaca": recover(args.prune_model, alpaca, heldout, Path(tmp) / "a", args),
-                  "tinystories": recover(args.prune_model, train_txt, heldout, Path(tmp) / "t", args)}
-    report["tokens_per_s"] = throughput(args.prune_model, alpaca, args.throughput_examples)
-    ppl = lambda d: round(next(iter(d.values())), 3)
-    report["summary"] = {"dense": ppl(report["dense"]), "pruned": ppl(report["alpaca"]["ppl_before"]),
-                         "recovered_alpaca": ppl(report["alpaca"]["ppl_after"]),
-                         "recovered_tinystories": ppl(report["tinystories"]["ppl_after"])}
+        dense_pruned = {name: ppl(evaluate_text(folder, heldout)) for name, folder in
+                        (("dense", str(SHARED / "models/stories260K")), ("pruned", args.prune_model))}
+        report: dict = {"summary": dict(dense_pruned)}
+        if not args.only_distillation:
+            report.update(alpaca=recover(args.prune_model, alpaca, heldout, Path(tmp) / "a", args),
+                          tinystories=recover(args.prune_model, train_txt, heldout, Path(tmp) / "t", args))
+            report["summary"].update(recovered_alpaca=ppl(report["alpaca"]["ppl_after"]),
+                                     recovered_tinystories=ppl(report["tinystories"]["ppl_after"]))
+        grid = distillation_grid(args.prune_model, {"TinyStories 20 %": train_txt, "C4": str(SHARED / "data/c4/c4_demo.jsonl")},
+                                 heldout, Path(tmp), args)
+    dense, pruned = dense_pruned["dense"], dense_pruned["pruned"]
+    for row in grid:
+        row["recovered"] = f"{100 * (pruned - row['ppl']) / (pruned - dense):.0f} %"
+    report["distillation"] = grid
+    if not args.only_distillation:
+        report["tokens_per_s"] = throughput(args.prune_model, alpaca, args.throughput_examples)
     out = REPO / "results" / "recover_stories.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    print(f"dense {dense:.2f}, pruned {pruned:.2f}; {args.steps} steps x 16 blocks of 256 tokens, "
+          f"T={args.kd_temperature}")
+    print(table(grid, ["data", "run", "lr", "ppl", "recovered", "train_s"]))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,7 @@ class RecoveryConfig:
     dataloader_num_workers: int = 0
     disable_tqdm: bool | None = None
     use_cpu: bool = False
+    train_mode: Literal["lora", "full"] = "lora"  # full: every weight of the pruned model trains, no adapter
 
 
 def wrap_lora(model, config: RecoveryConfig):
@@ -239,18 +240,24 @@ def _trainer_class():
 
 
 def build_trainer(model, tokenizer, train_dataset, eval_datasets: dict | None, config: RecoveryConfig,
-                  callbacks: list | None = None):
-    """A ``Trainer`` for LoRA recovery. ``eval_datasets``' first entry selects the best checkpoint."""
+                  callbacks: list | None = None, trainer_class=None):
+    """A ``Trainer`` for LoRA (or, with ``config.train_mode == "full"``, full-weight) recovery.
+    ``eval_datasets``' first entry selects the best checkpoint; ``trainer_class`` replaces the default
+    ``RecoveryTrainer`` (e.g. ``distill.distill_trainer_class``)."""
     from transformers import DataCollatorForSeq2Seq
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else 0
-    peft_model = model if hasattr(model, "peft_config") else wrap_lora(model, config)
+    if config.train_mode == "full":
+        peft_model = model.requires_grad_(True)
+        logger.info("full training: %d parameters", sum(p.numel() for p in model.parameters()))
+    else:
+        peft_model = model if hasattr(model, "peft_config") else wrap_lora(model, config)
     eval_datasets = eval_datasets or None
     metric = f"eval_{next(iter(eval_datasets))}_loss" if eval_datasets else None
     args = training_arguments(config, has_eval=eval_datasets is not None, metric=metric)
     collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True,
                                       label_pad_token_id=IGNORE_INDEX)
-    trainer = _trainer_class()(model=peft_model, args=args, train_dataset=train_dataset,
+    trainer = (trainer_class or _trainer_class())(model=peft_model, args=args, train_dataset=train_dataset,
                                eval_dataset=eval_datasets, data_collator=collator,
                                processing_class=tokenizer, callbacks=callbacks)
     logger.info("batch %d = micro-batch %d x %d accumulation x %d process(es); dtype %s",

@@ -1,0 +1,145 @@
+"""Recovery of SmolLM2-135M pruned by 20 %: LoRA + CE vs LoRA + KD vs full + KD at equal tokens (CPU).
+
+    python bench/recover_smollm2.py [--smollm2 /tmp/smollm2_fp32] [--steps 24] [--eval_windows 160] \
+        [--prune_flags "..."] [--work DIR]
+
+1. prune SmolLM2 with hf_prune.py (``--prune_flags``; default Taylor param_first, block-wise layers 4..27,
+   ``--param_budget 0.2``, calibration from ../shared/data/c4) unless WORK/pruned exists;
+2. WikiText-2 / PTB perplexity on the fixed ids of ../shared/data/smollm2_protocol.json (dense, pruned);
+3. each recovery run is one ``post_training.py`` process on the same packed ``c4_demo.jsonl`` blocks
+   (``--steps`` x ``--batch`` blocks of ``--cutoff`` tokens), the teacher being the dense model;
+4. perplexity of every recovered checkpoint, training tokens/s, and the ratios to LoRA + CE's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, SHARED, table  # noqa: E402
+
+GGUF = SHARED / "models" / "SmolLM2-135M-Instruct-Q4_1"
+C4 = SHARED / "data" / "c4" / "c4_demo.jsonl"
+PROTOCOL = SHARED / "data" / "smollm2_protocol.json"
+PRUNE_FLAGS = ("--pruner_type taylor --taylor param_first --block_wise --block_attention_layer_start 4 "
+               "--block_attention_layer_end 27 --block_mlp_layer_start 4 --block_mlp_layer_end 27 "
+               "--param_budget 0.2 --num_examples 10 --calibration_seq_len 64")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+RUNS = {  # name -> post_training flags (the learning rates are arguments)
+    "LoRA + CE": ["--distill_loss", "none", "--train_mode", "lora"],
+    "LoRA + KD": ["--distill_loss", "kl", "--train_mode", "lora"],
+    "full + KD": ["--distill_loss", "kl", "--train_mode", "full"],
+}
+
+
+EVAL_WINDOWS = 160
+
+
+def protocol_ppl(folder: str) -> dict[str, float]:
+    from LLMPruner.checkpoint import load_model
+    from LLMPruner.evaluate.ppl import perplexity
+    model, _ = load_model(folder, dtype=torch.float32)
+    ids = json.loads(PROTOCOL.read_text())
+    with torch.no_grad():
+        return {name: perplexity(model.eval(), torch.tensor(ids[name][:EVAL_WINDOWS]).flatten(), 128, batch_size=4)
+                for name in ("wikitext2", "ptb")}
+
+
+def prune(base: str, folder: Path, flags: str) -> None:
+    subprocess.run([sys.executable, "hf_prune.py", "--base_model", base, "--device", "cpu", "--eval_device", "cpu",
+                    *flags.split(), "--calibration_data", str(C4), "--log_dir", str(folder.parent),
+                    "--save_ckpt_log_name", folder.name, "--save_model"], cwd=REPO, env=ENV, check=True)
+
+
+def recover(name: str, pruned: Path, teacher: str, out: Path, args) -> dict:
+    lr = args.lr_full if "full" in name else args.lr_lora
+    flags = RUNS[name] + (["--teacher", teacher, "--kd_temperature", str(args.temperature)] if "KD" in name else [])
+    cmd = [sys.executable, "post_training.py", "--prune_model", str(pruned), "--distill_on", str(C4),
+           "--output_dir", str(out), "--batch_size", str(args.batch), "--micro_batch_size", str(args.micro),
+           "--max_steps", str(args.steps), "--num_epochs", "100", "--cutoff_len", str(args.cutoff),
+           "--val_set_size", "0", "--save_steps", "1000000", "--logging_steps", "4", "--learning_rate", str(lr),
+           "--warmup_steps", str(max(1, args.steps // 10)), "--seed", "0",
+           *([] if args.throughput_only else ["--merge"]), *flags]
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, env=ENV, check=True)
+    report = json.loads((out / "recovery_report.json").read_text())
+    tokens = args.steps * args.batch * args.cutoff
+    return {"run": name, "lr": f"{lr:g}", "tokens": tokens, "train_s": round(report["train_runtime_s"], 1),
+            "tokens_per_s": round(tokens / report["train_runtime_s"], 1),
+            "wall_s": round(time.perf_counter() - start, 1),
+            **({} if args.throughput_only else protocol_ppl(str(out / "merged")))}
+
+
+def throughput(pruned: Path, work: Path, args) -> None:
+    """Alternate the runs ``--repeat`` times; each run's best tokens/s and its ratio to LoRA + CE's."""
+    best: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for name in args.runs.split(","):
+            row = recover(name, pruned, args.smollm2, work / ("tp_" + name.replace(" + ", "_")), args)
+            print(json.dumps(row), flush=True)
+            if row["tokens_per_s"] > best.get(name, {}).get("tokens_per_s", 0):
+                best[name] = row
+    rows = list(best.values())
+    for r in rows:
+        r["speed / LoRA+CE"] = r["tokens_per_s"] / best["LoRA + CE"]["tokens_per_s"] if "LoRA + CE" in best else ""
+    print(table(rows, ["run", "tokens", "train_s", "tokens_per_s", "speed / LoRA+CE"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smollm2", default=str(GGUF), help="the dense model (GGUF folder, or a safetensors copy)")
+    p.add_argument("--prune_flags", default=PRUNE_FLAGS, help="hf_prune.py flags (quoted)")
+    p.add_argument("--work", default=None, help="folder for the pruned model and the runs (default: a tmp dir)")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch", type=int, default=8, help="blocks per optimizer step")
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--cutoff", type=int, default=256, help="tokens per packed block")
+    p.add_argument("--lr_lora", type=float, default=2e-3, help="LoRA learning rate (CE and KD alike)")
+    p.add_argument("--lr_full", type=float, default=2e-4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--eval_windows", type=int, default=160, help="first N of the protocol's 160 windows per set")
+    p.add_argument("--throughput_only", action="store_true",
+                   help="tokens/s only: no perplexity, no merge (WORK/pruned must exist); --repeat rounds")
+    p.add_argument("--repeat", type=int, default=1, help="with --throughput_only: alternate the runs N times")
+    p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    args = p.parse_args()
+    global EVAL_WINDOWS
+    EVAL_WINDOWS = args.eval_windows
+    torch.set_num_threads(1)
+    for need in (C4, PROTOCOL):
+        if not need.exists():
+            sys.exit(f"this benchmark needs {need} (../shared), which is absent")
+    work = Path(args.work or tempfile.mkdtemp(prefix="recover_smollm2_"))
+    pruned = work / "pruned"
+    if args.throughput_only:
+        return throughput(pruned, work, args)
+    if not (pruned / "config.json").is_file():
+        prune(args.smollm2, pruned, args.prune_flags)
+    rows = [{"run": "dense", **protocol_ppl(args.smollm2)}, {"run": "pruned", **protocol_ppl(str(pruned))}]
+    for name in args.runs.split(","):
+        rows.append(recover(name, pruned, args.smollm2, work / name.replace(" + ", "_").replace(" ", ""), args))
+        print(json.dumps(rows[-1]), flush=True)
+    base_gain = rows[1]["wikitext2"] - rows[2]["wikitext2"] if rows[2]["run"] == "LoRA + CE" else None
+    base_speed = rows[2]["tokens_per_s"] if rows[2]["run"] == "LoRA + CE" else None
+    for r in rows[2:]:
+        r["wt2_gain"] = rows[1]["wikitext2"] - r["wikitext2"]
+        if base_gain:
+            r["gain / LoRA+CE"] = r["wt2_gain"] / base_gain
+            r["speed / LoRA+CE"] = r["tokens_per_s"] / base_speed
+    out = REPO / "results" / "recover_smollm2.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    print(table(rows, ["run", "lr", "tokens", "train_s", "tokens_per_s", "speed / LoRA+CE", "wikitext2", "ptb",
+                       "wt2_gain", "gain / LoRA+CE"]))
+
+
+if __name__ == "__main__":
+    main()
