@@ -113,7 +113,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     if args.merge_adapter is not None:
         if not Path(args.merge_adapter).is_dir():
             raise cli.UsageError(f"--merge_adapter {args.merge_adapter!r}: no such adapter folder")
-    elif not looks_local_data(args.data_path):
+    elif args.distill_on == "instruction" and not looks_local_data(args.data_path):
         cli.check_source("--data_path", args.data_path, "dataset",
                          "--data_path ../shared/data/alpaca/alpaca_5000.json (Alpaca-schema .json/.jsonl or .txt)")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
@@ -125,6 +125,8 @@ def check_inputs(args: argparse.Namespace) -> None:
                                  hub_name=PPL_DATASETS[name][1])
             elif name not in PPL_DATASETS and not Path(name).is_file():
                 raise cli.UsageError(f"--{flag} {name!r}: neither {sorted(PPL_DATASETS)} nor a text file")
+    if args.teacher:
+        cli.check_source("--teacher", args.teacher, "model", "--teacher ../shared/models/stories260K (the dense model)")
     cli.check_writable_dir("--output_dir", args.output_dir)
 
 

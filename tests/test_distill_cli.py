@@ -109,9 +109,13 @@ def test_bad_distillation_flags_are_usage_errors(flags, message, capsys):
 
 def test_default_teacher_comes_from_pruning_json_or_the_cli_says_to_pass_one(tmp_path, pruned):
     import post_training
-    assert post_training.parse_args(["--prune_model", str(pruned), "--distill_loss", "kl"]).teacher == str(STORIES)
+    data = tmp_path / "tiny.json"  # a local --data_path: Hub names are refused up front offline
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi."}]')
+    assert post_training.parse_args(["--prune_model", str(pruned), "--distill_loss", "kl", "--data_path", str(data),
+                                     "--output_dir", str(tmp_path / "p")]).teacher == str(STORIES)
     out = subprocess.run([sys.executable, "post_training.py", "--prune_model", str(STORIES), "--output_dir",
-                          str(tmp_path / "o"), "--distill_loss", "kl"], cwd=REPO, env=ENV, capture_output=True,
+                          str(tmp_path / "o"), "--distill_loss", "kl", "--data_path", str(data)],
+                         cwd=REPO, env=ENV, capture_output=True,
                          text=True)  # stories260K is no pruned folder: no pruning.json
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert "--teacher: not given, and --prune_model" in out.stderr and "pass --teacher MODEL" in out.stderr
