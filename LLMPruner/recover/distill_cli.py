@@ -43,7 +43,7 @@ def check_distill_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     if args.kd_chunk_tokens < 1:
         parser.error(f"--kd_chunk_tokens {args.kd_chunk_tokens}: must be a positive number of tokens")
     if args.distill_loss == "none" and (args.teacher or args.teacher_device):
-        parser.error(f"--teacher/--teacher_device given but --distill_loss none: pass --distill_loss kl or kl+ce")
+        parser.error("--teacher/--teacher_device given but --distill_loss none: pass --distill_loss kl or kl+ce")
     if args.distill_on != "instruction" and not Path(args.distill_on).is_file():
         parser.error(f"--distill_on {args.distill_on!r}: no such file; pass 'instruction' or a .txt/.json/.jsonl")
     if args.distill_loss != "none" and not args.teacher:
