@@ -21,7 +21,9 @@ import logging
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -183,12 +185,20 @@ def main(argv=None) -> int:
     if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
         check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
-    run, handler = start_log(args)
-    try:
+    with run_folder(args) as run:
         results = prune_and_save(model, tokenizer, args, ranges, run.path)
         if args.save_model:  # the pruned model is safe before any evaluation (as in the reference)
             run.commit()
         evaluate_after(model, tokenizer, args, run.path, results)
+    return 0
+
+
+@contextmanager
+def run_folder(args) -> Iterator[RunFolder]:
+    """The run's folder: committed whole when the block ends (or earlier by the caller), abandoned on failure."""
+    run, handler = start_log(args)
+    try:
+        yield run
         if not run.committed:
             run.commit()
     except BaseException:
@@ -198,7 +208,6 @@ def main(argv=None) -> int:
         logger.info("run folder %s", run.path)
         logging.getLogger().removeHandler(handler)
         handler.close()
-    return 0
 
 
 def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
@@ -403,21 +412,13 @@ def main_offload(args: argparse.Namespace) -> int:
     model_or_folder, tokenizer, config = open_source(args.base_model, dtype=DTYPES[args.dtype],
                                                      allow_pickle=args.allow_pickle)
     ranges = check_against_model(config, args)
-    run, handler = start_log(args)
-    try:
+    with run_folder(args) as run:
         results = offload_prune_and_save(model_or_folder, tokenizer, args, ranges, run.path)
         run.commit()  # the checkpoint is always written under --offload: safe before any evaluation
         if args.test_after_train:  # the pruned model, loaded from the folder just written
             from LLMPruner.checkpoint import load_pruned
             model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
             evaluate_after(model, tokenizer, args, run.path, results)
-    except BaseException:
-        run.abandon()
-        raise
-    finally:
-        logger.info("run folder %s", run.path)
-        logging.getLogger().removeHandler(handler)
-        handler.close()
     return 0
 
 
