@@ -61,8 +61,7 @@ def _project_rows() -> None:
         if label != "107.6M":
             ROWS[f"{label} taylor MLP-only uniform + refit"] = (
                 dict(pruner_type="taylor", param_budget=b, compensation="refit", **mlp_only), "c4")
-        if label == "118.6M":
-            ROWS[f"{label} wanda MLP-only uniform"] = (dict(pruner_type="wanda", param_budget=b, **mlp_only), "c4")
+        ROWS[f"{label} wanda MLP-only uniform"] = (dict(pruner_type="wanda", param_budget=b, **mlp_only), "c4")
 
 
 _project_rows()
