@@ -36,9 +36,13 @@ def tiny_config(model_type: str = "llama", **overrides):
 
 
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    return perturbed_model(tiny_config(model_type, **overrides), seed)
+
+
+def perturbed_model(config, seed: int = 0):
+    """An eager-attention model of ``config`` with every parameter perturbed (seeded)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    config = tiny_config(model_type, **overrides)
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config).eval()
     # random init leaves norms at 1 and biases at 0: perturb so equivalence tests mean something

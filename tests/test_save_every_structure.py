@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import perturbed_model
 from test_architectures import ALL, ARCHS, logits
 from LLMPruner.adapters import get_adapter
 from LLMPruner.adapters.base import constructible_heads
@@ -44,14 +45,8 @@ def build_wide(model_type: str, seed: int = 0, **extra):
         if model_type == "gemma2":
             overrides["query_pre_attn_scalar"] = 6
     overrides.update(extra)
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, vocab_size=64, tie_word_embeddings=False, **overrides)
-    config._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return perturbed_model(AutoConfig.for_model(model_type, vocab_size=64, tie_word_embeddings=False, **overrides),
+                           seed)
 
 
 def check_reloads(model, folder) -> dict:
