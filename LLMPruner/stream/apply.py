@@ -18,7 +18,9 @@ Without statistics (Taylor, magnitude plans) the pass only loads, slices and wri
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,8 +36,9 @@ from ..estimate import Grouping, unit_scores
 from ..graph import Family
 from ..plan import PruningPlan
 from ..select import make_plan
+from ..sequential import log_choice, refit_sequential_layer
 from ..shrink import apply_plan
-from .states import LayerCall, StateStore, capture
+from .states import LayerCall, StateStore, capture, head_loss
 from .weights import Part, WeightSource, layers_prefix
 from .writer import ShardWriter
 
@@ -50,8 +53,11 @@ class PassOptions:
     dtype: torch.dtype | None = None
     batch_size: int = 8
     compensation: Compensation = "none"
-    ridge: float = 1e-3
+    ridge: float = 1e-3                # the one-shot refit's
+    refit_ridge: float | None = None   # the sequential refit's (None: chosen on held-out tokens)
+    reselect: str | None = None        # the sequential refit re-chooses units on its inputs (wanda/fluctuation)
     sequential: bool = False
+    guard: bool = False                # with sequential: build the one-shot candidate too, keep the better
     metric: str | None = None          # "wanda"/"fluctuation": score and select each layer in the pass
     grouping: Grouping = "sum"
 
@@ -103,63 +109,163 @@ def streamed_apply(model: nn.Module, source: WeightSource, families: list[Family
     prefix = layers_prefix(model, layers)
     plan = plan if plan is not None else PruningPlan()
     use_stats = opts.metric is not None or opts.compensation not in ("none", None)
+    sequential = opts.sequential and use_stats
+    guard = opts.guard and sequential
     cons = consumers(model, families)
-    kinds = sorted({adapter.kind_of(n) for n in cons} - {None}) if opts.compensation == "bias" else []
-    states = states or StateStore()
+    kinds = _bias_kinds(model, families, plan, select, cons) if opts.compensation == "bias" else []
+    dense = states or StateStore()
+    seq = StateStore(dense.on_disk, dense.folder) if sequential else None
+    one = StateStore(dense.on_disk, dense.folder) if guard else None
+    writers = [writer] if writer is not None else []
+    if guard and writer is not None:
+        writers.append(ShardWriter(tempfile.mkdtemp(prefix=".sequential-", dir=writer.folder.parent), writer.n_shards))
+    seq_plan = PruningPlan()
     calls: dict[int, LayerCall] = {}
     if use_stats:
         h0, calls = embed(model, source, examples, opts)
-        states.put(0, h0)
-    _write_outer(model, source, prefix, plan, writer, opts)
+        for store in (dense, seq, one):
+            if store is not None:
+                store.put(0, h0)
+    _write_outer(model, source, prefix, plan, writers, opts)
+    need_dense = not sequential or guard or (opts.metric is not None and select is not None)
     for i in tqdm(range(len(layers)), desc="prune and write (per layer)", leave=False):
         part = Part(model, prefix, i)
         part.load(source, opts.device, opts.dtype)
         names = [n for n in cons if n in part.names]
-        stats, out = layer_stats(model, layers[i], names, states.get(i), calls, opts,
-                                 gram=opts.compensation in ("refit", "refit_oneshot")) if use_stats else ({}, None)
+        stats, out = layer_stats(model, layers[i], names, dense.get(i), calls, opts,
+                                 gram=opts.compensation in ("refit", "refit_oneshot")) \
+            if use_stats and need_dense else ({}, None)
         if opts.metric is not None and collect is not None:
             collect.update(activation_channel_scores(model, families, stats, opts.metric))
+        fams = [f for f in families if f.layer == i]
         if opts.metric is not None and select is not None:
-            fams = [f for f in families if f.layer == i]
             scores = unit_scores(fams, activation_channel_scores(model, fams, stats, opts.metric), opts.grouping)
             layer_plan = make_plan(model, fams, select(fams, scores))
             plan.keep.update(layer_plan.keep)
             plan.removed_units.update(layer_plan.removed_units)
-        mine = PruningPlan(keep={n: d for n, d in plan.keep.items() if n in part.names})
-        # one layer at a time, a refit is the least squares of that layer (compensate's one-shot form)
-        method = "refit_oneshot" if opts.compensation == "refit" else opts.compensation
-        deltas = compensate(model, mine, stats, method, opts.ridge)
-        if mine.keep:
-            apply_plan(model, mine)
-        if kinds:
-            with _only_layer(model, prefix, layers[i]):
-                for kind in kinds:
-                    adapter.enable_biases(model, kind)
-            add_biases(model, deltas)
-        if use_stats and i + 1 < len(layers):
-            states.put(i + 1, run_layer(layers[i], states.get(i), calls, opts) if opts.sequential else out)
-        if writer is not None:
-            writer.write(layers[i].state_dict(prefix=f"{prefix}.{i}."))
+        mine = PruningPlan(keep={n: d for n, d in plan.keep.items() if n in part.names},
+                           removed_units={f.key: plan.removed_units.get(f.key, []) for f in fams})
+        last = i + 1 == len(layers)
+        if sequential:
+            seq_layer = copy.deepcopy(layers[i]) if guard else layers[i]
+            if guard:  # the one-shot candidate first, in place, then the dense copy becomes the sequential one
+                _compensate_and_slice(model, prefix, layers[i], mine, stats, opts, kinds)
+                one.put(i + 1, run_layer(layers[i], one.get(i), calls, opts))
+                if writers:
+                    writers[0].write(layers[i].state_dict(prefix=f"{prefix}.{i}."))
+                layers[i] = seq_layer
+            mine_seq = _sequential_layer(model, prefix, i, seq_layer, fams, mine, names, seq.get(i), calls, opts,
+                                         kinds, select)
+            seq_plan.keep.update(mine_seq.keep)
+            seq_plan.removed_units.update(mine_seq.removed_units)
+            seq.put(i + 1, run_layer(seq_layer, seq.get(i), calls, opts))
+            if writers:
+                writers[-1].write(seq_layer.state_dict(prefix=f"{prefix}.{i}."))
+            if need_dense and not last:
+                dense.put(i + 1, out)
+        else:
+            _compensate_and_slice(model, prefix, layers[i], mine, stats, opts, kinds)
+            if use_stats and not last:
+                dense.put(i + 1, out)
+            if writers:
+                writers[0].write(layers[i].state_dict(prefix=f"{prefix}.{i}."))
         Part(model, prefix, i).release()
-        states.drop(i)
-    states.close()
+        for store in (dense, seq, one):
+            if store is not None:
+                store.drop(i)
+    result = seq_plan if sequential else plan
+    if guard:
+        seq_loss, one_loss = (_stream_loss(model, source, prefix, examples, store.get(len(layers)), calls, opts)
+                              for store in (seq, one))
+        keep_oneshot = one_loss < seq_loss
+        log_choice(seq_loss, one_loss, keep_oneshot)
+        result = plan if keep_oneshot else seq_plan
+        if writers:
+            if keep_oneshot:
+                writers[1].discard()
+            else:
+                writers[0].adopt(writers[1])
+    for store in (dense, seq, one):
+        if store is not None:
+            store.close()
     if writer is not None:
         writer.finish()
-    return plan
+    return result
 
 
-def _write_outer(model, source, prefix, plan: PruningPlan, writer, opts: PassOptions) -> None:
+def _compensate_and_slice(model, prefix, layer, mine: PruningPlan, stats, opts: PassOptions, kinds) -> None:
+    """Layer ``layer`` (the model's) compensated from ``stats`` (one-shot form, layer by layer) and sliced."""
+    method = "refit_oneshot" if opts.compensation == "refit" else opts.compensation
+    deltas = compensate(model, mine, stats, method, opts.ridge)
+    if mine.keep:
+        apply_plan(model, mine)
+    if kinds:
+        with _only_layer(model, prefix, layer):
+            for kind in kinds:
+                get_adapter(model).enable_biases(model, kind)
+        add_biases(model, deltas)
+
+
+def _sequential_layer(model, prefix, i, layer, fams, mine: PruningPlan, names, x, calls, opts: PassOptions, kinds,
+                      select) -> PruningPlan:
+    """The sequential candidate of layer ``i`` (the model's ``layer``, dense on entry) on its inputs ``x``:
+    ``refit`` as in memory (``sequential.refit_sequential_layer``); otherwise the statistics of ``x``
+    re-select the layer (per-layer selection only: the same counts) and compensate it one-shot."""
+    if opts.compensation == "refit":
+        if not any(mine.removed_units.get(f.key) for f in fams):
+            return mine
+        chunks = list(x.split(opts.batch_size))
+
+        def forward(module, b, h):
+            return calls[len(h)](module, h.to(opts.device))
+        return refit_sequential_layer(model, layer, None, fams, mine.removed_units, forward, None, chunks,
+                                      f"{prefix}.{i}.", ridge=opts.refit_ridge, reselect=opts.reselect,
+                                      grouping=opts.grouping)
+    stats, _ = layer_stats(model, layer, names, x, calls, opts, gram=opts.compensation == "refit_oneshot")
+    if opts.metric is not None and select is not None:
+        scores = unit_scores(fams, activation_channel_scores(model, fams, stats, opts.metric), opts.grouping)
+        mine = make_plan(model, fams, select(fams, scores))
+    _compensate_and_slice(model, prefix, layer, mine, stats, opts, kinds)
+    return mine
+
+
+def _bias_kinds(model, families, plan: PruningPlan, select, cons) -> list[str]:
+    """The kinds whose consumers lose input channels somewhere (``bias`` adds their biases, zero where a
+    layer loses nothing, as ``add_biases`` does in memory; a kind that loses nothing gets none). With
+    per-layer selection the counts do not depend on the scores, so zero scores give them up front."""
+    if select is not None:
+        plan = make_plan(model, families, select(families, {f.key: torch.zeros(f.n_units) for f in families}))
+    adapter = get_adapter(model)
+    return sorted({adapter.kind_of(n) for n in cons if 1 in plan.keep.get(n, {})} - {None})
+
+
+@torch.no_grad()
+def _stream_loss(model, source, prefix, examples, last: torch.Tensor, calls, opts: PassOptions) -> float:
+    """The calibration loss of a candidate from its last boundary state (the model's own norm, head, loss)."""
+    layers = get_adapter(model).decoder_layers(model)
+    outer = Part(model, prefix, None)
+    outer.load(source, opts.device, opts.dtype)
+    as_tuple = next(iter(calls.values())).as_tuple
+    total = 0.0
+    for s in range(0, len(examples), opts.batch_size):
+        ids = examples[s:s + opts.batch_size]
+        h = last[s:s + opts.batch_size].to(opts.device)
+        total += head_loss(model, layers, ids, h, as_tuple).item() * len(ids)
+    outer.release()
+    return total / len(examples)
+
+
+def _write_outer(model, source, prefix, plan: PruningPlan, writers: list, opts: PassOptions) -> None:
     outer = Part(model, prefix, None)
     mine = PruningPlan(keep={n: d for n, d in plan.keep.items() if n in outer.names})
-    if writer is None and not mine.keep:
+    if not writers and not mine.keep:
         return
     outer.load(source, "cpu", opts.dtype)
     if mine.keep:
         apply_plan(model, mine)
-    if writer is not None:
-        tied = set(tied_keys(model)) if getattr(model.config, "tie_word_embeddings", False) else set()
-        writer.write({k: v for k, v in model.state_dict().items()
-                      if not k.startswith(prefix + ".") and k not in tied})
+    tied = set(tied_keys(model)) if getattr(model.config, "tie_word_embeddings", False) else set()
+    for writer in writers:
+        writer.write({k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".") and k not in tied})
     outer.release()
 
 

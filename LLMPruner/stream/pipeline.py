@@ -7,6 +7,7 @@ the pruned model is written shard by shard into a ``save_pruned`` folder.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
@@ -67,7 +68,7 @@ def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, 
 def open_model(model_or_folder: nn.Module | str | Path) -> tuple[nn.Module, WeightSource]:
     """A meta-device skeleton and where its weights are: a safetensors folder, or a model's CPU copy."""
     if isinstance(model_or_folder, nn.Module):
-        skel = skeleton(model_or_folder.config)
+        skel = skeleton(copy.deepcopy(model_or_folder.config))  # the pass rewrites the skeleton's config
         return skel, StateDictSource.of(model_or_folder)
     return skeleton_from_folder(model_or_folder), SafetensorsSource(model_or_folder)
 
@@ -94,12 +95,19 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
         params_before = sum(p.numel() for p in model.parameters())
         targets = _targets(discover_streamed(model).families, mode, attention_layers, mlp_layers, param_budget)
         _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device)
-    # --compensation refit is sequential (layer i refit on the outputs of the pruned layers 0..i-1), as in
-    # memory; refit_oneshot uses the dense model's statistics, and then equals the in-memory refit_oneshot
-    sequential = sequential or compensation == "refit"
-    ridge = 1e-3 if ridge is None else ridge
+    # --compensation refit is the in-memory sequential refit (layer i refit on the outputs of the pruned
+    # layers 0..i-1, sequential.refit_sequential_layer); refit_oneshot and bias use the dense model's
+    # statistics, as in memory. ``sequential`` (--offload_sequential) runs any compensation on the pruned
+    # inputs and keeps that model only if its calibration loss is not above the one-shot one's.
+    if (sequential or compensation == "refit") and mode == "channel_wise":
+        raise ValueError(f"--compensation {compensation}{' --offload_sequential' if sequential else ''} with "
+                         "--channel_wise: sequential compensation works on per-layer families; use "
+                         "--compensation refit_oneshot or bias without --offload_sequential")
     opts = PassOptions(device=device, dtype=dtype, batch_size=calibration_batch_size, compensation=compensation,
-                       ridge=ridge, sequential=sequential, grouping=grouping_strategy)
+                       ridge=1e-3 if ridge is None else ridge, refit_ridge=ridge,
+                       reselect=pruner_type if pruner_type in ACTIVATION_PRUNERS else None,
+                       sequential=sequential or compensation == "refit", guard=sequential,
+                       grouping=grouping_strategy)
     width = pruning_ratio if param_budget is None else param_budget
     per_layer = pruner_type in ACTIVATION_PRUNERS and not global_pruning and param_budget is None \
         and mode == "block_wise"

@@ -112,6 +112,7 @@ class StateStore:
     """Boundary states by index; on the CPU, or in files under a temporary folder (``to_disk``)."""
 
     def __init__(self, to_disk: bool = False, folder: str | Path | None = None) -> None:
+        self.on_disk, self.folder = to_disk, folder
         self._mem: dict[int, torch.Tensor] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="llmpruner-states-", dir=folder) if to_disk else None
 

@@ -88,7 +88,7 @@ class StateDictSource(WeightSource):
         return set(self.tensors)
 
     def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
+        return self.tensors[name].clone()  # a pass edits loaded weights in place: never the caller's model
 
 
 def is_safetensors_folder(path: str | Path) -> bool:

@@ -43,3 +43,17 @@ class ShardWriter:
         """``save_pruned``'s ``weights_writer``: move the finished shards and index into ``dest``."""
         for path in sorted(self.folder.glob("model*.safetensors*")):
             shutil.move(str(path), str(Path(dest) / path.name))
+
+    def adopt(self, other: "ShardWriter") -> None:
+        """Take ``other``'s shards (a candidate written in parallel with the same layout) instead of these."""
+        assert other.n_shards == self.n_shards and other.written == self.written, "candidates of different layouts"
+        for path in self.folder.glob("model*.safetensors*"):
+            path.unlink()
+        for path in sorted(other.folder.glob("model*.safetensors*")):
+            shutil.move(str(path), str(self.folder / path.name))
+        self.weight_map, self.total_size = other.weight_map, other.total_size
+        other.discard()
+
+    def discard(self) -> None:
+        """Delete this writer's folder and everything in it."""
+        shutil.rmtree(self.folder, ignore_errors=True)
