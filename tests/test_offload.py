@@ -81,9 +81,11 @@ CASES = {
     "taylor+refit_oneshot": dict(pruner_type="taylor", compensation="refit_oneshot"),
     "wanda": dict(pruner_type="wanda"),
     "fluctuation+refit_oneshot": dict(pruner_type="fluctuation", compensation="refit_oneshot"),
-    # 0.5: with the reference's rounding 0.4 of 2 KV groups removes none, and a family that loses nothing
-    # gets zero biases under --offload (decided before the layers are seen; docs/offload.md)
     "wanda+bias": dict(pruner_type="wanda", compensation="bias", pruning_ratio=0.5),
+    # 0.4 of 2 KV groups removes none (reference rounding): the attention kind loses nothing, so it gets no
+    # bias tensors, in memory and under --offload (per-layer selection, and a plan chosen beforehand)
+    "wanda+bias, attention loses nothing": dict(pruner_type="wanda", compensation="bias"),
+    "taylor+bias, attention loses nothing": dict(pruner_type="taylor", compensation="bias"),
     "l2 global": dict(pruner_type="l2", global_pruning=True),
     "wanda budget": dict(pruner_type="wanda", param_budget=0.3),
     "taylor channel_wise": dict(pruner_type="taylor", mode="channel_wise"),
@@ -113,6 +115,9 @@ def test_offloaded_pruning_saves_the_in_memory_folder(tmp_path, case, tied):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
     config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("mem", "off")]
     assert config[0] == config[1]
+    if "loses nothing" in case:
+        assert not any(k.endswith("o_proj.bias") for k in b) and any(k.endswith("down_proj.bias") for k in b)
+        assert not config[1]["attention_bias"] and config[1]["mlp_bias"]
     assert (tmp_path / "off" / "model.safetensors.index.json").exists()  # one shard per part
     reloaded, _ = load_pruned(tmp_path / "off")
     with torch.no_grad():
