@@ -114,3 +114,11 @@ def test_sequential_never_worse_on_stories260k(stories_path, tmp_path, caplog):
     for i, (pruner_type, ratio, comp) in enumerate(SETTINGS):
         _never_worse(stories_path, examples, tmp_path / str(i), caplog, pruner_type, ratio, comp,
                      attention_layers=range(1, 4), mlp_layers=range(0, 5))
+
+
+def test_too_few_tokens_for_a_refit_are_refused_as_in_memory():
+    model = tiny_model(num_hidden_layers=2)
+    few = EXAMPLES[:2, :16]  # 32 tokens for 48-wide MLP inputs
+    for run in (prune, prune_offloaded):
+        with pytest.raises(ValueError, match="--compensation refit: 32 calibration tokens"):
+            run(copy.deepcopy(model), examples=few, compensation="refit", pruner_type="wanda", **RANGES)

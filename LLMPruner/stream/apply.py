@@ -10,8 +10,11 @@ For decoder layer i (its input ``h_i`` is a stored boundary state):
 3. compensate (``compensate.compensate``: ``refit_weight`` / bias deltas from the statistics just
    gathered), slice the layer (``shrink.apply_plan`` restricted to its parameters), write its shard;
 4. ``h_{i+1}``: the *dense* layer's output (one-shot: statistics of the dense model, as in memory) or,
-   with ``sequential``, the pruned and compensated layer's output, so layer i+1 is compensated on the
-   inputs the already-pruned layers 0..i really produce.
+   with ``refit`` (``sequential.refit_sequential_layer``, the in-memory sequential refit), the pruned and
+   refit layer's output, so layer i+1 is compensated on the inputs the already-pruned layers 0..i
+   really produce. With ``guard`` (``--offload_sequential``) both candidates are built in the same pass
+   (three streams: dense, one-shot, sequential; two shard writers) and the one with the lower
+   calibration loss is kept (docs/offload.md).
 
 Without statistics (Taylor, magnitude plans) the pass only loads, slices and writes.
 """
@@ -118,7 +121,7 @@ def streamed_apply(model: nn.Module, source: WeightSource, families: list[Family
     one = StateStore(dense.on_disk, dense.folder) if guard else None
     writers = [writer] if writer is not None else []
     if guard and writer is not None:
-        writers.append(ShardWriter(tempfile.mkdtemp(prefix=".sequential-", dir=writer.folder.parent), writer.n_shards))
+        writers.append(ShardWriter(tempfile.mkdtemp(prefix=".sequential-", dir=writer.folder), writer.n_shards))
     seq_plan = PruningPlan()
     calls: dict[int, LayerCall] = {}
     if use_stats:

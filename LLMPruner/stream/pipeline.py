@@ -23,7 +23,7 @@ from ..checkpoint import save_pruned
 from ..compensate import Compensation
 from ..estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
 from ..plan import PruningPlan
-from ..prune import ACTIVATION_PRUNERS, Mode, _check, _targets
+from ..prune import ACTIVATION_PRUNERS, Mode, _check, _check_tokens, _targets
 from ..select import choose, make_plan
 from ..structure import ModelStructure
 from .apply import PassOptions, streamed_apply
@@ -94,7 +94,10 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
         model, source = open_model(model_or_folder)
         params_before = sum(p.numel() for p in model.parameters())
         targets = _targets(discover_streamed(model).families, mode, attention_layers, mlp_layers, param_budget)
-        _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device)
+        if compensation in ("refit", "refit_oneshot"):
+            _check_tokens(model, targets, examples)  # as in memory: a rank-deficient refit is refused
+        _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device,
+                      candidates=2 if sequential else 1)
     # --compensation refit is the in-memory sequential refit (layer i refit on the outputs of the pruned
     # layers 0..i-1, sequential.refit_sequential_layer); refit_oneshot and bias use the dense model's
     # statistics, as in memory. ``sequential`` (--offload_sequential) runs any compensation on the pruned
@@ -187,9 +190,11 @@ def streamed_magnitude_scores(model, source, targets, p: int, opts: PassOptions)
     return out
 
 
-def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device) -> None:
+def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device,
+                  candidates: int = 1) -> None:
     """The largest part (x2 where it takes gradients: the layers under Taylor, the embeddings/head only when
-    the hidden size is scored) plus a few copies of the boundary states must fit ``--max_memory``."""
+    the hidden size is scored) plus a few copies of the boundary states must fit ``--max_memory``; with
+    two candidates (``--offload_sequential``) a layer and the states are held twice over."""
     layers = get_adapter(model).decoder_layers(model)
     prefix = layers_prefix(model, layers)
     elem = torch.finfo(dtype).bits // 8 if dtype is not None else 4
@@ -200,7 +205,8 @@ def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_sco
         sizes[part.name] = sum(model.get_parameter(n).numel() for n in part.names) * elem * grads
     largest = max(sizes, key=sizes.get)
     states = 0 if examples is None else examples.numel() * model.config.hidden_size * elem
-    need = sizes[largest] + 4 * states
+    need = max(sizes[largest], candidates * max(v for k, v in sizes.items() if k != "embeddings/head")) \
+        + 4 * candidates * states
     logger.info("offload: largest part %s %.1f MB%s; boundary states %.1f MB each; about %.1f MB on %s per stage",
                 largest, sizes[largest] / 2**20, " (gradients included)" if with_grad else "", states / 2**20,
                 need / 2**20, device)
