@@ -1,5 +1,5 @@
 """Sequential compensation: prune and refit one decoder layer at a time, on the inputs the *pruned*
-model actually produces (SparseGPT / SlimGPT style), never worse than one-shot on the calibration loss.
+model actually produces (SparseGPT / SlimGPT style).
 
 Hidden-state streams go through the decoder layer by layer over the calibration samples: the dense
 model's and the pruned-so-far model's. In layer ``L``, for each consumer (``o_proj`` then ``down_proj``:
@@ -10,14 +10,11 @@ when that is not better on held-out calibration tokens (``refit_sequential_layer
 sliced away and the streams move to layer ``L + 1``. Errors are corrected where they arise instead of
 compounding, as one-shot compensation from dense-model statistics does.
 
-**Guard** (``guard=True``; ``--offload_sequential`` under ``--offload``): the same pass also builds the one-shot candidate (each layer
-refit from the dense model's statistics, ``compensate(..., "refit_oneshot")``, with the plan chosen on
-the dense model) and carries its stream; at the end the candidate with the lower calibration loss is
-kept and both losses are logged. Cost: one more forward per layer, the dense Gram matrices of one layer
-at a time, the one-shot layers kept aside until the end (the pruned decoder a second time) and two
-calibration-loss passes. Not the default of ``--compensation refit``: the calibration loss is the
-fitted data, and on stories260K (wanda, 35 % budget, 128 x 128 tokens) the guard keeps the one-shot
-model whose held-out perplexity is worse (17.63 vs 16.90).
+The layer-streamed pass (``stream/apply.py``) runs the same per-layer step and, with
+``--offload_sequential``, also the one-shot candidate, keeping the lower calibration loss (``log_choice``).
+``--compensation refit`` itself is not guarded that way: the calibration loss is the fitted data, and on
+stories260K (wanda, 35 % budget, 128 x 128 tokens) such a guard keeps the one-shot model whose held-out
+perplexity is worse (17.63 vs 16.90).
 
 Library entry point: ``sequential_prune``. The per-layer step (``refit_sequential_layer``, ``Forward``)
 takes streams of batches and a layer call, so the layer-streamed pass (``stream/apply.py``) runs the
@@ -25,7 +22,6 @@ same code.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from typing import Callable, Sequence
@@ -33,14 +29,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .activations import InputStats, activation_channel_scores, consumers, input_stats_hook
+from .activations import InputStats, activation_channel_scores
 from .adapters import get_adapter
-from .compensate import CrossStats, compensate, refit_layer
+from .compensate import CrossStats, refit_layer
 from .estimate import unit_scores
 from .graph import Family
 from .plan import PruningPlan
 from .select import make_plan
-from .shrink import apply_plan, sync_module_sizes
+from .shrink import apply_plan
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +129,13 @@ def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.M
 def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                      examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
                      reselect: str | None = None, grouping: str = "sum",
-                     target: str = "pruned", guard: bool = False,
-                     oneshot_ridge: float | None = None) -> dict[str, list[int]]:
+                     target: str = "pruned") -> dict[str, list[int]]:
     """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the
     units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
     in each family from the pruned model's own input statistics). Families must be per-layer.
     ``target="pruned"`` (default, better measured on stories260K: 8.74 vs 9.28 PPL at a 20 % budget) fits
     ``V x~_K`` to ``W x~`` (SparseGPT's layer-wise objective); ``"dense"`` to the dense model's ``W x``
-    (tries to correct upstream error too). ``guard``: keep the one-shot refit instead (plan ``removed``,
-    ``oneshot_ridge``, default ``ridge`` or 1e-3) when its calibration loss is lower (module docstring)."""
+    (tries to correct upstream error too)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
@@ -150,102 +144,33 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
         assert fam.layer is not None, f"sequential compensation needs per-layer families, got {fam.key}"
         by_layer.setdefault(fam.layer, []).append(fam)
     batches = layer_inputs(model, examples, batch_size)
-    oneshot_ridge = oneshot_ridge if oneshot_ridge is not None else 1e-3 if ridge is None else ridge
 
     def forward(layer, b, h):
         return _out(layer(h, **batches[b][1]))
 
     dense_h = [h for h, _ in batches]
-    pruned_h = oneshot_h = list(dense_h)
+    pruned_h = list(dense_h)
     final: dict[str, list[int]] = {}
-    oneshot_layers: dict[int, nn.Module] = {}
     diverged = False  # the streams are the same tensors until the first pruned layer
     for li, layer in enumerate(layers):
         fams = by_layer.get(li, [])
         dense_layer = layer
-        new_dense = None
         if any(removed.get(f.key) for f in fams):
             dense_layer, diverged = copy.deepcopy(layer), True
-            if guard:
-                new_dense, stats = _dense_stats(model, dense_layer, fams, forward, dense_h, prefix + f"{li}.")
-                oneshot_layers[li] = oneshot_layer(model, layers, li, dense_layer, fams, removed, stats,
-                                                   "refit_oneshot", oneshot_ridge)
             plan = refit_sequential_layer(model, layer, dense_layer, fams, removed, forward, dense_h, pruned_h,
                                           prefix + f"{li}.", ridge=ridge, reselect=reselect, grouping=grouping,
                                           target=target)
             final.update(plan.removed_units)
         with torch.no_grad():
-            if new_dense is None:
-                new_dense = [forward(dense_layer, b, h) for b, h in enumerate(dense_h)]
+            new_dense = [forward(dense_layer, b, h) for b, h in enumerate(dense_h)]
             pruned_h = [forward(layer, b, h) for b, h in enumerate(pruned_h)] if diverged else new_dense
-            if guard:
-                one = oneshot_layers.get(li, layer)
-                oneshot_h = [forward(one, b, h) for b, h in enumerate(oneshot_h)] if diverged else new_dense
             dense_h = new_dense
-    if guard and oneshot_layers:
-        seq_loss = calibration_loss(model, examples, batch_size)
-        with swapped_layers(model, oneshot_layers):
-            one_loss = calibration_loss(model, examples, batch_size)
-        keep_oneshot = one_loss < seq_loss
-        log_choice(seq_loss, one_loss, keep_oneshot)
-        if keep_oneshot:
-            for li, one in oneshot_layers.items():
-                layers[li] = one
-            sync_module_sizes(model)
-            adapter.update_config(model)
-            final = {k: v for k, v in removed.items() if k in final}
     return final
 
 
 def log_choice(seq_loss: float, one_loss: float, keep_oneshot: bool) -> None:
     logger.info("sequential compensation: calibration loss %.6f sequential, %.6f one-shot: keeping the %s model",
                 seq_loss, one_loss, "one-shot" if keep_oneshot else "sequential")
-
-
-@torch.no_grad()
-def _dense_stats(model, dense_layer, fams, forward: Forward, dense_h, layer_prefix: str):
-    """The dense stream through layer ``L`` (its output) and its consumers' input statistics (with Gram)."""
-    stats: dict[str, InputStats] = {}
-    names = [n for n in consumers(model, fams) if n.startswith(layer_prefix)]
-    handles = [dense_layer.get_submodule(n[len(layer_prefix):].rpartition(".")[0])
-               .register_forward_pre_hook(input_stats_hook(stats, n, True)) for n in names]
-    try:
-        out = [forward(dense_layer, b, h) for b, h in enumerate(dense_h)]
-    finally:
-        for h in handles:
-            h.remove()
-    return out, stats
-
-
-@torch.no_grad()
-def oneshot_layer(model: nn.Module, layers: nn.ModuleList, li: int, dense_layer: nn.Module, fams: list[Family],
-                  removed: dict[str, list[int]], stats: dict[str, InputStats], method: str,
-                  ridge: float) -> nn.Module:
-    """A copy of ``dense_layer`` compensated one-shot (``compensate``'s ``method`` from the dense
-    statistics ``stats``) and sliced by ``removed``; the model is left as it was."""
-    one = copy.deepcopy(dense_layer)
-    with swapped_layers(model, {li: one}):
-        plan = make_plan(model, fams, {f.key: removed.get(f.key, []) for f in fams})
-        compensate(model, plan, stats, method, ridge)
-        apply_plan(model, plan)
-    return one
-
-
-@contextlib.contextmanager
-def swapped_layers(model: nn.Module, replacement: dict[int, nn.Module]):
-    """The model with decoder layers ``{index: module}`` replaced for the block (sizes and config follow)."""
-    adapter = get_adapter(model)
-    layers = adapter.decoder_layers(model)
-    saved = {li: layers[li] for li in replacement}
-    for li, m in replacement.items():
-        layers[li] = m
-    try:
-        yield
-    finally:
-        for li, m in saved.items():
-            layers[li] = m
-        sync_module_sizes(model)
-        adapter.update_config(model)
 
 
 @torch.no_grad()
