@@ -1,6 +1,7 @@
 """hf_prune.py --offload / --device_map end to end on stories260K in a temporary folder, against the
 in-memory run with the same flags, and the one-line errors of the new flags."""
 import json
+import re
 
 import pytest
 import torch
@@ -67,3 +68,25 @@ def test_bad_offload_flags_are_one_clear_line(tmp_path, extra, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "prune_log").exists()
+
+
+@pytest.mark.slow
+def test_offload_sequential_logs_both_candidates_and_keeps_one(tmp_path):
+    model = need_shared("models", "stories260K")
+    data = need_shared("data")
+    flags = [f for f in FLAGS] + ["--base_model", str(model), "--calibration_data",
+                                  str(data / "tinystories" / "tinystories_val.txt"), "--offload",
+                                  "--offload_sequential", "--compensation", "bias", "--save_ckpt_log_name", "seq"]
+    flags[flags.index("taylor", flags.index("--pruner_type"))] = "wanda"
+    proc = run(flags, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "prune_log" / "seq"
+    log = (folder / "prune.log").read_text()
+    found = re.search(r"calibration loss ([\d.]+) sequential, ([\d.]+) one-shot: keeping the (\S+) model", log)
+    assert found, log[-2000:]
+    seq, one, kept = float(found[1]), float(found[2]), found[3]
+    assert kept == ("one-shot" if one < seq else "sequential")
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no candidate left behind
+    from LLMPruner import load_pruned
+    pruned, _ = load_pruned(folder)
+    assert any(n.endswith("down_proj.bias") for n, _ in pruned.named_parameters())
