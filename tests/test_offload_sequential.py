@@ -122,3 +122,11 @@ def test_too_few_tokens_for_a_refit_are_refused_as_in_memory():
     for run in (prune, prune_offloaded):
         with pytest.raises(ValueError, match="--compensation refit: 32 calibration tokens"):
             run(copy.deepcopy(model), examples=few, compensation="refit", pruner_type="wanda", **RANGES)
+
+
+def test_sequential_compensation_of_the_hidden_size_is_refused():
+    model = tiny_model(num_hidden_layers=2)
+    with pytest.raises(ValueError, match="--compensation refit with --channel_wise: sequential compensation"):
+        prune_offloaded(model, mode="channel_wise", examples=EXAMPLES, compensation="refit", pruner_type="l2")
+    with pytest.raises(ValueError, match="--compensation bias --offload_sequential with --channel_wise"):
+        prune_offloaded(model, mode="channel_wise", examples=EXAMPLES, compensation="bias", sequential=True)
