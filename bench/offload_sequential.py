@@ -12,6 +12,12 @@ of each kind of run, summed over the table's rows.
 
     python bench/offload_sequential.py --smollm2 /tmp/smollm2_fp32
 
+    python bench/offload_sequential.py --heldout
+
+Whether the calibration-loss choice carries over to unseen text: the same settings with calibration
+from the first 20 % of TinyStories and perplexity on the first 65,536 tokens of the rest (128-token
+windows), for the refit and bias columns.
+
 The guard's cost on SmolLM2-135M fp32 (a safetensors folder): wanda + 20 % parameter budget + refit on
 48 x 64 C4 tokens (3,072: the fewest a refit of the 1,536-wide MLP inputs accepts), in memory, under
 --offload, and under --offload --offload_sequential; each run a fresh process (peak RSS = VmHWM).
@@ -54,13 +60,40 @@ class Choices(logging.Handler):
             self.found.append((float(m[1]), float(m[2]), m[3]))
 
 
-def loss_after(examples, **kw) -> float:
+def loss_after(examples, heldout: torch.Tensor | None = None, **kw):
+    """Calibration loss of the saved model (and its held-out perplexity when ``heldout`` is given)."""
     with tempfile.TemporaryDirectory() as d:
         prune_offloaded(STORIES, save_to=d, examples=examples, attention_layers=range(1, 4),
                         mlp_layers=range(0, 5), **kw)
         model, _ = load_pruned(d)
         with torch.no_grad():
-            return model(examples, labels=examples).loss.item()
+            loss = model(examples, labels=examples).loss.item()
+        if heldout is None:
+            return loss
+        from LLMPruner.evaluate.ppl import perplexity
+        return loss, perplexity(model, heldout, 128, batch_size=16)
+
+
+def heldout_table(choices: "Choices") -> None:
+    from common import split_stories
+    with tempfile.TemporaryDirectory() as tmp:
+        calib, held = split_stories(Path(tmp))
+        _, tokenizer = load_model(STORIES)
+        examples = calibration_examples(str(calib), tokenizer, 16, 64, 0)
+        ids = tokenizer(held.read_text(), return_tensors="pt").input_ids[0][:65536]
+    names = [n for n in RUNS if n != "none"]
+    rows = []
+    for pruner_type in ("taylor", "l2", "wanda", "fluctuation"):
+        for ratio in (0.5, 0.25):
+            row = {"scores": pruner_type, "ratio": ratio}
+            for name in names:
+                loss, ppl = loss_after(examples, ids, pruner_type=pruner_type, pruning_ratio=ratio, **RUNS[name])
+                kept = f" ({choices.found.pop()[2][0].upper()})" if RUNS[name].get("sequential") else ""
+                row[name] = f"{loss:.3f} / {ppl:.2f}{kept}"
+            rows.append(row)
+    print("calibration loss / held-out PPL (stories260K; 16 x 64 calibration tokens from the first 20 % of "
+          "TinyStories, PPL on 65,536 tokens of the rest); (S)/(O): the guard kept sequential / one-shot")
+    print(table(rows, ["scores", "ratio"] + names))
 
 
 SMOLLM2 = dict(pruner_type="wanda", param_budget=0.2, compensation="refit")
@@ -114,6 +147,7 @@ def smollm2(folder: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smollm2", default=None, help="an fp32 SmolLM2 safetensors folder: the guard's cost there")
+    p.add_argument("--heldout", action="store_true", help="calibration loss and held-out PPL of each choice")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -129,6 +163,9 @@ def main() -> None:
     seq_logger = logging.getLogger("LLMPruner.sequential")
     seq_logger.setLevel(logging.INFO)
     seq_logger.addHandler(choices)
+    if args.heldout:
+        heldout_table(choices)
+        return
     _, tokenizer = load_model(STORIES)
     examples = calibration_examples(str(TINYSTORIES), tokenizer, 16, 64, 0)
     rows, seconds = [], {name: 0.0 for name in RUNS}
