@@ -4,9 +4,10 @@
     python bench/offload.py --smollm2 /tmp/smollm2_fp32   # reuse an fp32 safetensors folder
 
 Each run is a fresh subprocess (its peak resident set, ``VmHWM``, is its own) doing the whole job: load
-(or open) the model, calibrate on the protocol's 10 x 64 tokens, score, select, shrink, save. Configurations:
-Taylor ``param_first``, and the best forward-only setting of the README (wanda + 20 % parameter budget +
-refit), each in memory and with ``--offload``; plus the offloaded sequential refit. An "empty" run
+(or open) the model, calibrate, score, select, shrink, save. Configurations: Taylor ``param_first`` on the
+protocol's 10 x 64 calibration tokens, and the forward-only setting wanda + 20 % parameter budget + refit on
+48 x 64 C4 tokens (3,072: the fewest a refit of SmolLM2's 1,536-wide MLP inputs accepts), each in memory and
+with ``--offload``; plus the guarded sequential refit (``--offload_sequential``). An "empty" run
 measures the baseline: a process that only imports torch, transformers and LLMPruner. The saved weights
 of each offloaded run are compared with its in-memory twin, tensor by tensor.
 """
@@ -29,6 +30,8 @@ SETTINGS = {
     "taylor": dict(pruner_type="taylor", taylor="param_first", pruning_ratio=0.25),
     "wanda+budget+refit": dict(pruner_type="wanda", param_budget=0.2, compensation="refit"),
 }
+# calibration of each setting: the protocol's 10 x 64 ids, or (examples, tokens) of c4_demo.jsonl windows
+CALIBRATION = {"taylor": "protocol", "wanda+budget+refit": (48, 64)}
 
 
 def peak_mb() -> float:
@@ -47,7 +50,7 @@ def child(kind: str, setting: str, folder: str, out: str) -> dict:
     if kind == "empty":
         return {"peak_mb": peak_mb(), "seconds": 0.0}
     t0 = time.perf_counter()
-    examples = torch.tensor(json.loads(PROTOCOL.read_text())["calib"])
+    examples = calibration(setting, folder)
     kw = dict(SETTINGS[setting])
     if kw.get("param_budget") is None:
         kw.update(attention_layers=range(3, 29), mlp_layers=range(3, 29))
@@ -60,6 +63,17 @@ def child(kind: str, setting: str, folder: str, out: str) -> dict:
         pipeline.prune_offloaded(folder, save_to=out, tokenizer=AutoTokenizer.from_pretrained(folder),
                                  examples=examples, sequential=kind == "offload-sequential", **kw)
     return {"peak_mb": peak_mb(), "seconds": time.perf_counter() - t0}
+
+
+def calibration(setting: str, folder: str):
+    import torch
+    if CALIBRATION[setting] == "protocol":
+        return torch.tensor(json.loads(PROTOCOL.read_text())["calib"])
+    from transformers import AutoTokenizer
+    from LLMPruner.data.calibration import calibration_examples
+    n, t = CALIBRATION[setting]
+    return calibration_examples(str(SHARED / "data" / "c4" / "c4_demo.jsonl"), AutoTokenizer.from_pretrained(folder),
+                                n, t, 0)
 
 
 def run_child(kind: str, setting: str, folder: Path, out: Path) -> dict:
