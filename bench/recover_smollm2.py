@@ -8,7 +8,10 @@
 2. WikiText-2 / PTB perplexity on the fixed ids of ../shared/data/smollm2_protocol.json (dense, pruned);
 3. each recovery run is one ``post_training.py`` process on the same packed ``c4_demo.jsonl`` blocks
    (``--steps`` x ``--batch`` blocks of ``--cutoff`` tokens), the teacher being the dense model;
+   (the number of blocks c4_demo.jsonl packs into, and the epochs that makes, are printed and reported);
 4. perplexity of every recovered checkpoint, training tokens/s, and the ratios to LoRA + CE's.
+``--throughput_only --repeat N`` instead alternates the runs N times (no perplexity) and reports each run's
+median tokens/s, its spread, and the KD/CE ratio of the medians and per round.
 """
 from __future__ import annotations
 
