@@ -8,13 +8,17 @@
 2. WikiText-2 / PTB perplexity on the fixed ids of ../shared/data/smollm2_protocol.json (dense, pruned);
 3. each recovery run is one ``post_training.py`` process on the same packed ``c4_demo.jsonl`` blocks
    (``--steps`` x ``--batch`` blocks of ``--cutoff`` tokens), the teacher being the dense model;
+   (the number of blocks c4_demo.jsonl packs into, and the epochs that makes, are printed and reported);
 4. perplexity of every recovered checkpoint, training tokens/s, and the ratios to LoRA + CE's.
+``--throughput_only --repeat N`` instead alternates the runs N times (no perplexity) and reports each run's
+median tokens/s, its spread, and the KD/CE ratio of the medians and per round.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,25 +76,43 @@ def recover(name: str, pruned: Path, teacher: str, out: Path, args) -> dict:
     subprocess.run(cmd, cwd=REPO, env=ENV, check=True)
     report = json.loads((out / "recovery_report.json").read_text())
     tokens = args.steps * args.batch * args.cutoff
-    return {"run": name, "lr": f"{lr:g}", "tokens": tokens, "train_s": round(report["train_runtime_s"], 1),
+    return {"run": name, "lr": f"{lr:g}", "tokens": tokens, "epochs": round(args.steps * args.batch / args.blocks, 2),
+            "train_s": round(report["train_runtime_s"], 1),
             "tokens_per_s": round(tokens / report["train_runtime_s"], 1),
             "wall_s": round(time.perf_counter() - start, 1),
             **({} if args.throughput_only else protocol_ppl(str(out / "merged")))}
 
 
-def throughput(pruned: Path, work: Path, args) -> None:
-    """Alternate the runs ``--repeat`` times; each run's best tokens/s and its ratio to LoRA + CE's."""
-    best: dict[str, dict] = {}
+def count_blocks(pruned: Path, cutoff: int) -> int:
+    """How many ``cutoff``-token blocks ``c4_demo.jsonl`` packs into (what post_training trains on)."""
+    from transformers import AutoTokenizer
+
+    from LLMPruner.recover.packing import load_documents, pack_documents
+    return len(pack_documents(load_documents(C4), AutoTokenizer.from_pretrained(pruned), cutoff, add_eos=False))
+
+
+def throughput(pruned: Path, work: Path, args) -> dict:
+    """Alternate the runs ``--repeat`` times in one process; each run's median tokens/s, its spread and the
+    ratio of the medians to LoRA + CE's, and the spread of the per-round ratios."""
+    per_run: dict[str, list[float]] = {}
+    rounds: list[dict[str, float]] = []
     for _ in range(args.repeat):
+        rounds.append({})
         for name in args.runs.split(","):
             row = recover(name, pruned, args.smollm2, work / ("tp_" + name.replace(" + ", "_")), args)
             print(json.dumps(row), flush=True)
-            if row["tokens_per_s"] > best.get(name, {}).get("tokens_per_s", 0):
-                best[name] = row
-    rows = list(best.values())
-    for r in rows:
-        r["speed / LoRA+CE"] = r["tokens_per_s"] / best["LoRA + CE"]["tokens_per_s"] if "LoRA + CE" in best else ""
-    print(table(rows, ["run", "tokens", "train_s", "tokens_per_s", "speed / LoRA+CE"]))
+            per_run.setdefault(name, []).append(row["tokens_per_s"])
+            rounds[-1][name] = row["tokens_per_s"]
+    base = statistics.median(per_run["LoRA + CE"]) if "LoRA + CE" in per_run else None
+    rows = []
+    for name, speeds in per_run.items():
+        ratios = [r[name] / r["LoRA + CE"] for r in rounds if base]
+        rows.append({"run": name, "tokens": args.steps * args.batch * args.cutoff, "tokens_per_s": speeds,
+                     "median": statistics.median(speeds), "min..max": f"{min(speeds):.1f}..{max(speeds):.1f}",
+                     "median / LoRA+CE": statistics.median(speeds) / base if base else "",
+                     "per-round ratio min..max": f"{min(ratios):.2f}..{max(ratios):.2f}" if base else ""})
+    print(table(rows, ["run", "tokens", "median", "min..max", "median / LoRA+CE", "per-round ratio min..max"]))
+    return {"args": vars(args), "rows": rows}
 
 
 def main() -> None:
@@ -108,7 +130,7 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=160, help="first N of the protocol's 160 windows per set")
     p.add_argument("--throughput_only", action="store_true",
                    help="tokens/s only: no perplexity, no merge (WORK/pruned must exist); --repeat rounds")
-    p.add_argument("--repeat", type=int, default=1, help="with --throughput_only: alternate the runs N times")
+    p.add_argument("--repeat", type=int, default=3, help="with --throughput_only: alternate the runs N times")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
     args = p.parse_args()
     global EVAL_WINDOWS
@@ -119,10 +141,17 @@ def main() -> None:
             sys.exit(f"this benchmark needs {need} (../shared), which is absent")
     work = Path(args.work or tempfile.mkdtemp(prefix="recover_smollm2_"))
     pruned = work / "pruned"
-    if args.throughput_only:
-        return throughput(pruned, work, args)
-    if not (pruned / "config.json").is_file():
+    if not (args.throughput_only or (pruned / "config.json").is_file()):
         prune(args.smollm2, pruned, args.prune_flags)
+    args.blocks = count_blocks(pruned, args.cutoff)
+    print(f"{C4.name}: {args.blocks} blocks of {args.cutoff} tokens; {args.steps} x {args.batch} blocks = "
+          f"{args.steps * args.batch / args.blocks:.2f} epochs", flush=True)
+    if args.throughput_only:
+        result = throughput(pruned, work, args)
+        out = REPO / "results" / "recover_smollm2_throughput.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        return
     rows = [{"run": "dense", **protocol_ppl(args.smollm2)}, {"run": "pruned", **protocol_ppl(str(pruned))}]
     for name in args.runs.split(","):
         rows.append(recover(name, pruned, args.smollm2, work / name.replace(" + ", "_").replace(" ", ""), args))
@@ -131,14 +160,15 @@ def main() -> None:
     base_speed = rows[2]["tokens_per_s"] if rows[2]["run"] == "LoRA + CE" else None
     for r in rows[2:]:
         r["wt2_gain"] = rows[1]["wikitext2"] - r["wikitext2"]
+        r["wt2_recovered"] = f"{100 * r['wt2_gain'] / (rows[1]['wikitext2'] - rows[0]['wikitext2']):.0f} %"
         if base_gain:
             r["gain / LoRA+CE"] = r["wt2_gain"] / base_gain
             r["speed / LoRA+CE"] = r["tokens_per_s"] / base_speed
     out = REPO / "results" / "recover_smollm2.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print(table(rows, ["run", "lr", "tokens", "train_s", "tokens_per_s", "speed / LoRA+CE", "wikitext2", "ptb",
-                       "wt2_gain", "gain / LoRA+CE"]))
+    print(table(rows, ["run", "lr", "tokens", "epochs", "train_s", "tokens_per_s", "speed / LoRA+CE", "wikitext2",
+                       "ptb", "wt2_gain", "wt2_recovered", "gain / LoRA+CE"]))
 
 
 if __name__ == "__main__":

@@ -59,8 +59,17 @@ def recover(prune_model: str, data: str, heldout: str, out: Path, args, extra: t
     return post_training.main(argv)
 
 
-KD_RUNS = {"LoRA + CE": ("--distill_loss", "none"), "LoRA + KD": ("--distill_loss", "kl"),
-           "full + KD": ("--distill_loss", "kl", "--train_mode", "full")}
+KD_RUNS = {"LoRA + CE": ("--distill_loss", "none"), "LoRA + KD": ("--train_mode", "lora"),
+           "full + KD": ("--train_mode", "full")}
+
+
+def kd_flags(run: str, args) -> tuple[str, ...]:
+    """The distillation flags of a KD_RUNS entry (none for LoRA + CE: today's recipe, unchanged)."""
+    if "KD" not in run:
+        return ()
+    lora = ("--lora_r", str(args.lora_r_kd), "--lora_alpha", str(2 * args.lora_r_kd)) if "LoRA" in run else ()
+    return ("--teacher", str(SHARED / "models/stories260K"), "--distill_loss", args.kd_loss, "--kd_alpha",
+            str(args.kd_alpha), "--kd_temperature", str(args.kd_temperature), *lora)
 
 
 def distillation_grid(prune_model: str, texts: dict[str, str], heldout: str, tmp: Path, args) -> list[dict]:
@@ -68,9 +77,8 @@ def distillation_grid(prune_model: str, texts: dict[str, str], heldout: str, tmp
     rows = []
     for data_name, text in texts.items():
         for run, flags in KD_RUNS.items():
-            kd = ("--teacher", str(SHARED / "models/stories260K"), "--kd_temperature", str(args.kd_temperature)) \
-                if "KD" in run else ()
-            lr = args.lr_full if "full" in run else (args.lr_lora_kd or args.lr) if "KD" in run else args.lr
+            kd = kd_flags(run, args)
+            lr = args.lr_full if "full" in run else args.lr_lora_kd if "KD" in run else args.lr
             out = tmp / f"{data_name}_{run.replace(' + ', '_')}"
             report = recover(prune_model, text, heldout, out, args, ("--distill_on", text, *flags, *kd), lr=lr)
             rows.append({"data": data_name, "run": run, "lr": f"{lr:g}", "ppl": next(iter(report["ppl_after"].values())),
@@ -123,10 +131,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prune_model", default=str(REPO / "prune_log" / "stories_0.25"))
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of 16 examples per recovery run")
-    p.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
-    p.add_argument("--lr_lora_kd", type=float, default=None, help="LoRA + KD learning rate (default: --lr)")
-    p.add_argument("--lr_full", type=float, default=1e-3, help="full-weight learning rate")
-    p.add_argument("--kd_temperature", type=float, default=1.0)
+    # the KD defaults (lr_lora_kd, lr_full, kd_temperature, kd_loss) were chosen on a split inside the training
+    # 20 % (docs/recovery.md), never on the reported held-out 80 %; LoRA + CE keeps the reference's recipe
+    p.add_argument("--lr", type=float, default=2e-3, help="LoRA + CE learning rate")
+    p.add_argument("--lr_lora_kd", type=float, default=1e-2, help="LoRA + KD learning rate")
+    p.add_argument("--lr_full", type=float, default=3e-3, help="full-weight (full + KD) learning rate")
+    p.add_argument("--kd_temperature", type=float, default=2.0)
+    p.add_argument("--kd_loss", choices=("kl", "kl+ce"), default="kl", help="--distill_loss of the KD runs")
+    p.add_argument("--kd_alpha", type=float, default=0.5, help="CE weight with --kd_loss kl+ce")
+    p.add_argument("--lora_r_kd", type=int, default=8, help="LoRA rank of LoRA + KD (alpha = 2 r: r 8 is the post_training default, alpha 16)")
     p.add_argument("--throughput_examples", type=int, default=512)
     p.add_argument("--only_distillation", action="store_true", help="skip steps 3 and 5")
     args = p.parse_args()
@@ -153,14 +166,15 @@ def main() -> None:
     for row in grid:
         row["recovered"] = f"{100 * (pruned - row['ppl']) / (pruned - dense):.0f} %"
     report["distillation"] = grid
+    report["settings"] = vars(args)
     if not args.only_distillation:
         report["tokens_per_s"] = throughput(args.prune_model, alpaca, args.throughput_examples)
     out = REPO / "results" / "recover_stories.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    print(f"dense {dense:.2f}, pruned {pruned:.2f}; {args.steps} steps x 16 blocks of 256 tokens, "
-          f"T={args.kd_temperature}")
+    print(f"dense {dense:.2f}, pruned {pruned:.2f}; {args.steps} steps x 16 blocks of 256 tokens; KD: "
+          f"{args.kd_loss} (alpha {args.kd_alpha}), T={args.kd_temperature}, LoRA r {args.lora_r_kd}")
     print(table(grid, ["data", "run", "lr", "ppl", "recovered", "train_s"]))
 
 
