@@ -29,6 +29,7 @@ from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
 from .graph import discover
 from .heads import head_family, rank_family
 from .plan import PruningPlan
+from .obs import DAMP, SELECTIONS, Selection, check_selection, obs_reselect
 from .select import Rounding, channels_per_unit, choose, make_plan
 from .sequential import sequential_prune
 from .shrink import apply_plan
@@ -64,8 +65,11 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
           ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
           budget_criterion: BudgetCriterion = "uniform",
-          refit_target: Literal["dense", "pruned"] = "pruned") -> PruneResult:
-    """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``)."""
+          refit_target: Literal["dense", "pruned"] = "pruned", selection: Selection = "score",
+          obs_damp: float = DAMP, obs_prior_weight: float = 0.0) -> PruneResult:
+    """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``).
+    ``selection="obs"`` (with ``compensation="refit"``): the scores set how many units each family loses,
+    structured OBS on the pruned model's inputs chooses which (``obs.py``)."""
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     result = PruneResult()
@@ -79,6 +83,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         _apply(model, PruningPlan(keep_layers=list(range(layer))), result)
         return result
     _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
+    check_selection(selection, compensation)
     start_params = non_embedding_parameters(model)
     if mode not in ("block_wise", "channel_wise"):
         raise ValueError(f"mode {mode!r}: choose block_wise, channel_wise or layer_wise")
@@ -110,6 +115,8 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         _warn_rounding(targets, removed, round_to)
         if compensation == "refit":
             reselect = pruner_type if pruner_type in ACTIVATION_PRUNERS else None
+            if selection == "obs":
+                reselect = obs_reselect(obs_damp, scores if obs_prior_weight else None, obs_prior_weight)
             removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                        batch_size=calibration_batch_size, reselect=reselect,
                                        grouping=grouping_strategy, target=refit_target)
