@@ -61,6 +61,10 @@ def unit_errors(w: torch.Tensor, hinv: torch.Tensor, columns: torch.Tensor, lam:
                 alive: torch.Tensor | None = None) -> torch.Tensor:
     """``E_B - lam ||W_B||^2`` for every unit (rows of ``columns``, ``[units, k]``): ``[units]``; units not
     ``alive`` (already removed) get ``inf``."""
+    if alive is not None and columns.shape[1] == 1:   # one column per unit: no copies (removed: 0 / 0)
+        sq = w.pow(2).sum(0)[columns[:, 0]]
+        err = sq / hinv.diagonal()[columns[:, 0]] - lam * sq
+        return torch.where(alive, err, torch.full_like(err, float("inf")))
     if alive is not None:
         out = torch.full((columns.shape[0],), float("inf"), dtype=w.dtype)
         out[alive] = unit_errors(w, hinv, columns[alive], lam)
@@ -77,10 +81,15 @@ def unit_errors(w: torch.Tensor, hinv: torch.Tensor, columns: torch.Tensor, lam:
 
 def remove_unit(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> None:
     """Remove the columns ``cols`` in place: optimal update of ``w``'s other columns, downdate ``hinv``."""
-    hbb = hinv[cols][:, cols]
-    rows = torch.linalg.solve(hbb, hinv[cols])                              # [k, in] = Hbb^-1 Hinv_B,:
-    w -= w[:, cols] @ rows
-    hinv -= hinv[:, cols] @ rows
+    if len(cols) == 1:
+        j = int(cols[0])
+        row = hinv[j] / hinv[j, j]
+        w.sub_(torch.outer(w[:, j], row))
+        hinv.sub_(torch.outer(hinv[:, j], row))
+    else:
+        rows = torch.linalg.solve(hinv[cols][:, cols], hinv[cols])          # [k, in] = Hbb^-1 Hinv_B,:
+        w -= w[:, cols] @ rows
+        hinv -= hinv[:, cols] @ rows
     w[:, cols] = 0.0
     hinv[cols, :] = 0.0
     hinv[:, cols] = 0.0
@@ -98,6 +107,8 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, n_rem
     error of each removal)."""
     if not 0 <= n_remove < columns.shape[0]:
         raise ValueError(f"obs_select: n_remove {n_remove} must be in [0, {columns.shape[0]})")
+    if columns.shape[1] == 1:
+        return _greedy_columns(w, gram, columns[:, 0], n_remove, damp, prior, prior_weight)
     w = w.detach().double().clone()
     hinv, lam = damped_inverse(gram, damp)
     alive = torch.ones(columns.shape[0], dtype=torch.bool)
@@ -115,6 +126,53 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, n_rem
         alive[u] = False
         removed.append(u)
     return removed, w, errors
+
+
+@torch.no_grad()
+def _greedy_columns(w: torch.Tensor, gram: torch.Tensor, cols: torch.Tensor, n_remove: int, damp: float,
+                    prior: torch.Tensor | None = None,
+                    prior_weight: float = 0.0) -> tuple[list[int], torch.Tensor, list[float]]:
+    """``obs_select`` for one column per unit, with the updates kept low-rank: after ``t`` removals
+    ``H^-1 = H0^-1 - U U^T`` and ``W = W0 - A U^T``, ``u = H^-1[:, j] / sqrt(H^-1_jj)``,
+    ``a = W[:, j] / sqrt(H^-1_jj)``. Column norms and ``diag H^-1`` are updated in ``O(in * t)`` per
+    removal instead of two dense rank-1 updates (same greedy choices, float64)."""
+    w0 = w.detach().double()
+    hinv0, lam = damped_inverse(gram, damp)
+    d = w0.shape[1]
+    U = torch.zeros(d, n_remove, dtype=torch.float64)
+    A = torch.zeros(w0.shape[0], n_remove, dtype=torch.float64)
+    norm0 = w0.pow(2).sum(0)
+    cross = torch.zeros(d, dtype=torch.float64)       # sum_i (W0^T a_i) * u_i
+    quad = torch.zeros(d, dtype=torch.float64)        # U_j (A^T A) U_j^T
+    diag = hinv0.diagonal().clone()
+    alive = torch.zeros(d, dtype=torch.bool)
+    alive[cols] = True
+    removed, errors = [], []
+    for t in range(n_remove):
+        sq = norm0 - 2.0 * cross + quad
+        err = (sq / diag - lam * sq).clamp_min(0.0)
+        err = torch.where(alive, err, torch.full_like(err, float("inf")))
+        rank = err
+        if prior is not None and prior_weight:
+            p = torch.zeros(d, dtype=torch.float64)
+            p[cols] = prior.double()
+            rank = err / err[alive].mean().clamp_min(1e-30) + prior_weight * p / p[alive].abs().mean().clamp_min(1e-30)
+        j = int(torch.argmin(rank))
+        errors.append(float(err[j]))
+        h_col = hinv0[:, j] - U[:, :t] @ U[j, :t]
+        w_col = w0[:, j] - A[:, :t] @ U[j, :t]
+        scale = h_col[j].clamp_min(1e-300).rsqrt()
+        u, a = h_col * scale, w_col * scale
+        q = A[:, :t].T @ a
+        quad += 2.0 * (U[:, :t] @ q) * u + (a @ a) * u * u
+        cross += (w0.T @ a) * u
+        diag -= u * u
+        U[:, t], A[:, t] = u, a
+        alive[j] = False
+        removed.append(int((cols == j).nonzero()[0, 0]))
+    out = w0 - A @ U.T
+    out[:, cols[removed]] = 0.0
+    return removed, out, errors
 
 
 def consumer_columns(fam: Family, consumer: str) -> torch.Tensor:

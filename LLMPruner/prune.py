@@ -29,6 +29,7 @@ from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
 from .graph import discover
 from .heads import head_family, rank_family
 from .plan import PruningPlan
+from .obs_allocation import Allocation, obs_counts
 from .obs import DAMP, SELECTIONS, Selection, check_selection, obs_reselect
 from .select import Rounding, channels_per_unit, choose, make_plan
 from .sequential import sequential_prune
@@ -66,7 +67,8 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
           budget_criterion: BudgetCriterion = "uniform",
           refit_target: Literal["dense", "pruned"] = "pruned", selection: Selection = "score",
-          obs_damp: float = DAMP, obs_prior_weight: float = 0.0) -> PruneResult:
+          obs_damp: float = DAMP, obs_prior_weight: float = 0.0,
+          obs_allocation: Allocation = "uniform") -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``).
     ``selection="obs"`` (with ``compensation="refit"``): the scores set how many units each family loses,
     structured OBS on the pruned model's inputs chooses which (``obs.py``)."""
@@ -117,6 +119,8 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
             reselect = pruner_type if pruner_type in ACTIVATION_PRUNERS else None
             if selection == "obs":
                 reselect = obs_reselect(obs_damp, scores if obs_prior_weight else None, obs_prior_weight)
+                removed = obs_counts(model, targets, removed, examples, obs_allocation, obs_damp,
+                                     calibration_batch_size)
             removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                        batch_size=calibration_batch_size, reselect=reselect,
                                        grouping=grouping_strategy, target=refit_target)
