@@ -40,6 +40,7 @@ from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.obs import DAMP, SELECTIONS, check_selection
+from LLMPruner.obs_allocation import ALLOCATIONS
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
 from LLMPruner.run_folder import RunFolder
 from LLMPruner.select import ROUNDINGS
@@ -90,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "scores then only set how many units each family loses; needs --compensation refit)")
     b.add_argument("--obs_damp", type=float, default=DAMP,
                    help="--selection obs: damping of X^T X, relative to its mean diagonal")
+    b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
+                   help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
+                        "where the OBS error relative to the layer's residual stream (residual) or to the "
+                        "consumer's output (output) is smallest (LLMPruner/obs_allocation.py)")
     b.add_argument("--query_heads", action="store_true",
                    help="also prune query heads inside each KV group (the same count per group); with "
                         "--pruning_ratio they replace whole KV groups")
@@ -151,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_selection(args.selection, args.compensation)
     except ValueError as err:
         p.error(str(err))
+    if args.obs_allocation != "uniform" and args.selection != "obs":
+        p.error(f"--obs_allocation {args.obs_allocation} needs --selection obs")
     check_offload_args(p, args)
     check_inputs(args)
     return args
@@ -251,7 +258,7 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
                    query_heads=args.query_heads, budget_criterion=args.budget_criterion,
                    unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
-                   **ranges)
+                   obs_allocation=args.obs_allocation, **ranges)
     if args.device_map:
         unplace_model(model, args.device)
     after = count_parameters(model)

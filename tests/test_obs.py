@@ -161,3 +161,38 @@ def test_cli_obs_run_saves_a_model_that_loads_with_equal_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(loaded(ids).logits, dense(ids).logits)
+
+
+def test_allocation_spends_removals_on_the_smallest_scaled_marginal_errors():
+    from LLMPruner.obs_allocation import allocate
+    curves = {"a": [1.0, 2.0, 10.0], "b": [1.5, 3.0]}
+    assert allocate(curves, {"a": 1.0, "b": 1.0}, 3) == {"a": 2, "b": 1}     # 1, 1.5, 2
+    assert allocate(curves, {"a": 1.0, "b": 10.0}, 3) == {"a": 1, "b": 2}    # 0.15, 0.3, 1
+    with pytest.raises(ValueError, match="only 5 allowed"):
+        allocate(curves, {"a": 1.0, "b": 1.0}, 6)
+
+
+@pytest.mark.parametrize("how", ["residual", "output"])
+def test_obs_allocation_keeps_the_budget_and_moves_units_between_layers(how):
+    dense = tiny_model(num_hidden_layers=4, seed=5)
+    mlp = dense.model.layers[2].mlp
+    with torch.no_grad():  # layer 2's MLP channels come in identical pairs: half of them cost ~nothing
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight[1::2] = lin.weight[0::2]
+        mlp.down_proj.weight[:, 1::2] = mlp.down_proj.weight[:, 0::2]
+    runs = {}
+    for alloc in ("uniform", how):
+        model = copy.deepcopy(dense)
+        r = prune(model, pruner_type="l2", param_budget=0.2, attention_layers=range(0), mlp_layers=range(4),
+                  compensation="refit", selection="obs", obs_allocation=alloc, examples=EX)
+        runs[alloc] = ({k: len(v) for k, v in r.plans[0].removed_units.items()}, count_parameters(model))
+    assert runs["uniform"][1] == runs[how][1]                       # same parameter count
+    assert sum(runs["uniform"][0].values()) == sum(runs[how][0].values())
+    assert runs[how][0]["mlp@2"] > runs["uniform"][0]["mlp@2"]
+
+
+def test_obs_allocation_refuses_units_of_different_costs():
+    with pytest.raises(ValueError, match="--obs_allocation residual"):
+        prune(tiny_model(), pruner_type="l2", param_budget=0.2, attention_layers=range(1, 2),
+              mlp_layers=range(1, 2), compensation="refit", selection="obs", obs_allocation="residual",
+              examples=EX)
