@@ -58,25 +58,27 @@ def damped_inverse(gram: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor
 
 
 def unit_errors(w: torch.Tensor, hinv: torch.Tensor, columns: torch.Tensor, lam: float,
-                alive: torch.Tensor | None = None) -> torch.Tensor:
+                alive: torch.Tensor | None = None, fisher: torch.Tensor | None = None) -> torch.Tensor:
     """``E_B - lam ||W_B||^2`` for every unit (rows of ``columns``, ``[units, k]``): ``[units]``; units not
-    ``alive`` (already removed) get ``inf``."""
+    ``alive`` (already removed) get ``inf``. With ``fisher`` (``F``, ``[out, out]``) the output error is
+    weighted: ``||v||^2`` becomes ``v^T F v``."""
+    wf = w if fisher is None else fisher.double() @ w
     if alive is not None and columns.shape[1] == 1:   # one column per unit: no copies (removed: 0 / 0)
-        sq = w.pow(2).sum(0)[columns[:, 0]]
+        sq = (w * wf).sum(0)[columns[:, 0]]
         err = sq / hinv.diagonal()[columns[:, 0]] - lam * sq
         return torch.where(alive, err, torch.full_like(err, float("inf")))
     if alive is not None:
         out = torch.full((columns.shape[0],), float("inf"), dtype=w.dtype)
-        out[alive] = unit_errors(w, hinv, columns[alive], lam)
+        out[alive] = unit_errors(w, hinv, columns[alive], lam, fisher=fisher)
         return out
-    wb = w[:, columns]                                                      # [out, U, k]
+    wb, wbf = w[:, columns], wf[:, columns]                                 # [out, U, k]
     hbb = hinv[columns[:, :, None], columns[:, None, :]]                    # [U, k, k]
     if columns.shape[1] == 1:
-        sq = wb[..., 0].pow(2).sum(0)                                       # [U]
+        sq = (wb * wbf)[..., 0].sum(0)                                      # [U]
         return sq / hbb[:, 0, 0] - lam * sq
     sol = torch.linalg.solve(hbb, wb.permute(1, 2, 0))                      # [U, k, out] = Hbb^-1 W_B^T
-    err = (wb.permute(1, 2, 0) * sol).sum((1, 2))
-    return err - lam * wb.pow(2).sum((0, 2))
+    err = (wbf.permute(1, 2, 0) * sol).sum((1, 2))
+    return err - lam * (wb * wbf).sum((0, 2))
 
 
 def remove_unit(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> None:
@@ -96,25 +98,28 @@ def remove_unit(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> None
 
 
 def obs_select(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, n_remove: int,
-               damp: float = DAMP, prior: torch.Tensor | None = None,
-               prior_weight: float = 0.0) -> tuple[list[int], torch.Tensor, list[float]]:
+               damp: float = DAMP, prior: torch.Tensor | None = None, prior_weight: float = 0.0,
+               fisher: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, list[float]]:
     """Greedy structured OBS on one consumer.
 
     ``w``: ``[out, in]``; ``gram``: ``X^T X`` of its inputs (``[in, in]``); ``columns``: ``[units, k]`` the
     input columns of each unit; ``n_remove`` units go. With ``prior`` (another per-unit score, e.g.
     Taylor's) the ranking is ``E / mean(E) + prior_weight * prior / mean(prior)`` over the units left.
+    With ``fisher`` (``F = sum_t g_t g_t^T`` of the loss gradient at the consumer's output) the error is
+    ``tr(F dW H dW^T)`` (K-FAC, as the LLM Surgeon): the optimal update is the same, the error of a unit
+    becomes ``W_B^T F W_B``-weighted, an estimate of the loss change comparable across layers.
     Returns (removed units in removal order, the updated ``w`` (float64, removed columns zero), the
     error of each removal)."""
     if not 0 <= n_remove < columns.shape[0]:
         raise ValueError(f"obs_select: n_remove {n_remove} must be in [0, {columns.shape[0]})")
     if columns.shape[1] == 1:
-        return _greedy_columns(w, gram, columns[:, 0], n_remove, damp, prior, prior_weight)
+        return _greedy_columns(w, gram, columns[:, 0], n_remove, damp, prior, prior_weight, fisher)
     w = w.detach().double().clone()
     hinv, lam = damped_inverse(gram, damp)
     alive = torch.ones(columns.shape[0], dtype=torch.bool)
     removed, errors = [], []
     for _ in range(n_remove):
-        err = unit_errors(w, hinv, columns, lam, alive).clamp_min(0.0)
+        err = unit_errors(w, hinv, columns, lam, alive, fisher).clamp_min(0.0)
         rank = err
         if prior is not None and prior_weight:
             e, p = err[alive], prior.double()[alive]
@@ -130,8 +135,8 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, n_rem
 
 @torch.no_grad()
 def _greedy_columns(w: torch.Tensor, gram: torch.Tensor, cols: torch.Tensor, n_remove: int, damp: float,
-                    prior: torch.Tensor | None = None,
-                    prior_weight: float = 0.0) -> tuple[list[int], torch.Tensor, list[float]]:
+                    prior: torch.Tensor | None = None, prior_weight: float = 0.0,
+                    fisher: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, list[float]]:
     """``obs_select`` for one column per unit, with the updates kept low-rank: after ``t`` removals
     ``H^-1 = H0^-1 - U U^T`` and ``W = W0 - A U^T``, ``u = H^-1[:, j] / sqrt(H^-1_jj)``,
     ``a = W[:, j] / sqrt(H^-1_jj)``. Column norms and ``diag H^-1`` are updated in ``O(in * t)`` per
@@ -141,7 +146,8 @@ def _greedy_columns(w: torch.Tensor, gram: torch.Tensor, cols: torch.Tensor, n_r
     d = w0.shape[1]
     U = torch.zeros(d, n_remove, dtype=torch.float64)
     A = torch.zeros(w0.shape[0], n_remove, dtype=torch.float64)
-    norm0 = w0.pow(2).sum(0)
+    f = torch.eye(w0.shape[0], dtype=torch.float64) if fisher is None else fisher.double()
+    norm0 = (w0 * (f @ w0)).sum(0)
     cross = torch.zeros(d, dtype=torch.float64)       # sum_i (W0^T a_i) * u_i
     quad = torch.zeros(d, dtype=torch.float64)        # U_j (A^T A) U_j^T
     diag = hinv0.diagonal().clone()
@@ -163,9 +169,10 @@ def _greedy_columns(w: torch.Tensor, gram: torch.Tensor, cols: torch.Tensor, n_r
         w_col = w0[:, j] - A[:, :t] @ U[j, :t]
         scale = h_col[j].clamp_min(1e-300).rsqrt()
         u, a = h_col * scale, w_col * scale
-        q = A[:, :t].T @ a
-        quad += 2.0 * (U[:, :t] @ q) * u + (a @ a) * u * u
-        cross += (w0.T @ a) * u
+        fa = f @ a
+        q = A[:, :t].T @ fa
+        quad += 2.0 * (U[:, :t] @ q) * u + (a @ fa) * u * u
+        cross += (w0.T @ fa) * u
         diag -= u * u
         U[:, t], A[:, t] = u, a
         alive[j] = False
@@ -184,7 +191,7 @@ def consumer_columns(fam: Family, consumer: str) -> torch.Tensor:
 
 
 def obs_reselect(damp: float = DAMP, priors: dict[str, torch.Tensor] | None = None,
-                 prior_weight: float = 0.0) -> Callable:
+                 prior_weight: float = 0.0, fisher: dict[str, torch.Tensor] | None = None) -> Callable:
     """The ``reselect`` hook of ``sequential_prune``: per family of the consumer, the same number of units
     as ``chosen``, by greedy structured OBS on the pruned model's inputs (``stats.gram``). At most one
     family per consumer may lose units (a layer loses KV groups or query heads, never both)."""
@@ -203,7 +210,8 @@ def obs_reselect(damp: float = DAMP, priors: dict[str, torch.Tensor] | None = No
                 continue
             cols = consumer_columns(fam, consumer)
             prior = priors.get(fam.key) if priors else None
-            units, _, errors = obs_select(w, gram, cols, n, damp, prior, prior_weight)
+            f = fisher.get(consumer) if fisher else None
+            units, _, errors = obs_select(w, gram, cols, n, damp, prior, prior_weight, f)
             out[fam.key] = sorted(units)
             logger.info("%s: OBS removes %d units, reconstruction error %.4g (first %.3g, last %.3g)",
                         fam.key, n, sum(errors), errors[0], errors[-1])

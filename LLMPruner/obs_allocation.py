@@ -6,7 +6,9 @@ removal. Errors of different layers are made comparable by dividing by a per-lay
 
 * ``residual``: the layer's output hidden states' ``sum ||h||^2`` on the same tokens (the next layers see
   the residual stream through RMSNorm, so what matters is the error relative to it);
-* ``output``: the consumer's own output ``sum ||W x||^2`` (the relative reconstruction error).
+* ``output``: the consumer's own output ``sum ||W x||^2`` (the relative reconstruction error);
+* ``fisher``: none (scale 1): the errors are Fisher-weighted (``obs_fisher.py``), estimates of the loss
+  change, comparable as they are.
 
 Then the total number of units that the budget removes is spent where the scaled marginal error is
 smallest (one unit at a time, the next cheapest removal of any family). All families must have the
@@ -29,8 +31,8 @@ from .obs import DAMP, consumer_columns, obs_select
 
 logger = logging.getLogger(__name__)
 
-Allocation = Literal["uniform", "residual", "output"]
-ALLOCATIONS = ("uniform", "residual", "output")
+Allocation = Literal["uniform", "residual", "output", "fisher"]
+ALLOCATIONS = ("uniform", "residual", "output", "fisher")
 
 
 @torch.no_grad()
@@ -76,11 +78,13 @@ def allocate(curves: dict[str, list[float]], scale: dict[str, float], total: int
 @torch.no_grad()
 def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                examples: torch.Tensor, how: Allocation, damp: float = DAMP, batch_size: int = 8,
-               max_fraction: float = 0.6) -> dict[str, list[int]]:
+               max_fraction: float = 0.6, fisher: dict[str, torch.Tensor] | None = None) -> dict[str, list[int]]:
     """Redistribute the units of ``removed`` (``{family: units}``) across ``families`` by scaled OBS
     error; returns ``{family: placeholder units}`` whose *counts* the sequential OBS pass uses."""
     if how == "uniform":
         return removed
+    if how == "fisher" and fisher is None:
+        raise ValueError("OBS allocation 'fisher' needs the Fisher factors (obs_fisher.output_fisher)")
     if how not in ALLOCATIONS:
         raise ValueError(f"--obs_allocation {how!r}: choose one of {', '.join(ALLOCATIONS)}")
     costs = {unit_cost(model, f) for f in families}
@@ -97,8 +101,10 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
         w = params[name].detach().double().cpu()
         g = stats[name].gram.cpu()
         n = min(fam.n_units - 1, int(max_fraction * fam.n_units))
-        _, _, curves[fam.key] = obs_select(w, g, consumer_columns(fam, name), n, damp)
-        scale[fam.key] = residual[fam.layer] if how == "residual" else float(((w @ g) * w).sum())
+        f = fisher.get(name) if fisher else None
+        _, _, curves[fam.key] = obs_select(w, g, consumer_columns(fam, name), n, damp, fisher=f)
+        scale[fam.key] = (residual[fam.layer] if how == "residual" else 1.0 if how == "fisher"
+                          else float(((w @ g) * w).sum()))
     counts = allocate(curves, scale, sum(len(v) for v in removed.values()))
     logger.info("OBS allocation (%s): %s", how, {k: v for k, v in counts.items()})
     return {k: list(range(n)) for k, n in counts.items()}

@@ -30,6 +30,7 @@ from .graph import discover
 from .heads import head_family, rank_family
 from .plan import PruningPlan
 from .obs_allocation import Allocation, obs_counts
+from .obs_fisher import output_fisher
 from .obs import DAMP, SELECTIONS, Selection, check_selection, obs_reselect
 from .select import Rounding, channels_per_unit, choose, make_plan
 from .sequential import sequential_prune
@@ -68,7 +69,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           budget_criterion: BudgetCriterion = "uniform",
           refit_target: Literal["dense", "pruned"] = "pruned", selection: Selection = "score",
           obs_damp: float = DAMP, obs_prior_weight: float = 0.0,
-          obs_allocation: Allocation = "uniform") -> PruneResult:
+          obs_allocation: Allocation = "uniform", obs_fisher: bool = False) -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``).
     ``selection="obs"`` (with ``compensation="refit"``): the scores set how many units each family loses,
     structured OBS on the pruned model's inputs chooses which (``obs.py``)."""
@@ -118,9 +119,13 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         if compensation == "refit":
             reselect = pruner_type if pruner_type in ACTIVATION_PRUNERS else None
             if selection == "obs":
-                reselect = obs_reselect(obs_damp, scores if obs_prior_weight else None, obs_prior_weight)
+                fisher = None
+                if obs_fisher or obs_allocation == "fisher":
+                    fisher = output_fisher(model, list(consumers(model, targets)), examples, calibration_batch_size)
+                reselect = obs_reselect(obs_damp, scores if obs_prior_weight else None, obs_prior_weight,
+                                        fisher if obs_fisher else None)
                 removed = obs_counts(model, targets, removed, examples, obs_allocation, obs_damp,
-                                     calibration_batch_size)
+                                     calibration_batch_size, fisher=fisher)
             removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                        batch_size=calibration_batch_size, reselect=reselect,
                                        grouping=grouping_strategy, target=refit_target)

@@ -196,3 +196,36 @@ def test_obs_allocation_refuses_units_of_different_costs():
         prune(tiny_model(), pruner_type="l2", param_budget=0.2, attention_layers=range(1, 2),
               mlp_layers=range(1, 2), compensation="refit", selection="obs", obs_allocation="residual",
               examples=EX)
+
+
+def test_fisher_weighted_error_is_the_weighted_least_squares_residual_and_update_unchanged():
+    f = torch.randn(3, 3, generator=G, dtype=torch.float64)
+    f = f @ f.T + 0.1 * torch.eye(3, dtype=torch.float64)
+    hinv, lam = damped_inverse(H, damp=0.0)
+    errors = unit_errors(W, hinv, SINGLE, lam, fisher=f)
+    for j in range(6):
+        kept = [i for i in range(6) if i != j]
+        r = X @ W.T - X[:, kept] @ _refit(W, X, kept).T                   # [tokens, out] residual
+        assert errors[j].item() == pytest.approx(float(torch.trace(f @ r.T @ r)), rel=1e-9)
+    removed, w_new, _ = obs_select(W, H, SINGLE, 2, damp=0.0, fisher=f)
+    assert removed[0] == int(torch.argmin(errors))
+    kept = [i for i in range(6) if i not in removed]
+    torch.testing.assert_close(w_new[:, kept], _refit(W, X, kept), rtol=1e-9, atol=1e-9)
+    eye = obs_select(W, H, SINGLE, 3, damp=0.0, fisher=torch.eye(3, dtype=torch.float64))
+    assert eye[0] == obs_select(W, H, SINGLE, 3, damp=0.0)[0]
+
+
+def test_output_fisher_is_the_sum_of_gradient_outer_products():
+    from LLMPruner.obs_fisher import output_fisher
+    model = tiny_model(seed=2)
+    name = "model.layers.1.mlp.down_proj.weight"
+    f = output_fisher(model, [name], EX[:4], batch_size=2)[name]
+    grads = []
+    y_seen = {}
+    h = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, y: y_seen.__setitem__("y", y))
+    out = model(EX[:4], labels=EX[:4], use_cache=False)
+    y_seen["y"].retain_grad()
+    (out.loss * 4 * 15).backward()
+    h.remove()
+    g = y_seen["y"].grad.reshape(-1, 32).double()
+    torch.testing.assert_close(f, g.T @ g, rtol=1e-5, atol=1e-10)
