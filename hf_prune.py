@@ -94,7 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
                    help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
                         "where the OBS error relative to the layer's residual stream (residual) or to the "
-                        "consumer's output (output) is smallest (LLMPruner/obs_allocation.py)")
+                        "consumer's output (output) is smallest, or by the Fisher-weighted errors (fisher: "
+                        "estimated loss changes; LLMPruner/obs_allocation.py)")
+    b.add_argument("--obs_fisher", action="store_true",
+                   help="--selection obs: weight the output error by the loss gradient's outer products at "
+                        "the consumer's output (K-FAC, one backward pass; LLMPruner/obs_fisher.py)")
     b.add_argument("--query_heads", action="store_true",
                    help="also prune query heads inside each KV group (the same count per group); with "
                         "--pruning_ratio they replace whole KV groups")
@@ -158,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(err))
     if args.obs_allocation != "uniform" and args.selection != "obs":
         p.error(f"--obs_allocation {args.obs_allocation} needs --selection obs")
+    if args.obs_fisher and args.selection != "obs":
+        p.error("--obs_fisher needs --selection obs")
     check_offload_args(p, args)
     check_inputs(args)
     return args
@@ -258,7 +264,7 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
                    query_heads=args.query_heads, budget_criterion=args.budget_criterion,
                    unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
-                   obs_allocation=args.obs_allocation, **ranges)
+                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher, **ranges)
     if args.device_map:
         unplace_model(model, args.device)
     after = count_parameters(model)

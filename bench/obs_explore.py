@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--ptb", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    for name in ("LLMPruner.obs_allocation", "LLMPruner.sequential"):
+        logging.getLogger(name).setLevel(logging.INFO)
     from LLMPruner.checkpoint import load_model
     from LLMPruner.data.calibration import calibration_examples
     from LLMPruner.prune import prune
@@ -61,10 +63,11 @@ def main() -> None:
         n_ex = kw.pop("num_examples", 128)
         seq = kw.pop("seq_len", 128)
         target = kw.pop("target", "118.6M")
+        first, last = (int(v) for v in str(kw.pop("layers", "4-28")).split("-"))
         examples = calibration_examples(str(C4), tok, n_ex, seq, seed=0)
         model = copy.deepcopy(base)
         full = dict(pruner_type="taylor", param_budget=_budget(TARGETS[target]), attention_layers=range(0),
-                    mlp_layers=range(4, 28), compensation="refit")
+                    mlp_layers=range(first, last), compensation="refit")
         full.update(kw)
         t0 = time.perf_counter()
         prune(model, examples=examples, seed=42, **full)

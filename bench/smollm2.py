@@ -62,6 +62,11 @@ def _project_rows() -> None:
             ROWS[f"{label} taylor MLP-only uniform + refit"] = (
                 dict(pruner_type="taylor", param_budget=b, compensation="refit", **mlp_only), "c4")
         ROWS[f"{label} wanda MLP-only uniform"] = (dict(pruner_type="wanda", param_budget=b, **mlp_only), "c4")
+        obs = dict(pruner_type="l2", param_budget=b, compensation="refit", selection="obs", **mlp_only)
+        ROWS[f"{label} obs MLP-only uniform + refit"] = (obs, "c4")
+        ROWS[f"{label} obs fisher MLP-only uniform + refit"] = (dict(obs, obs_fisher=True), "c4")
+        ROWS[f"{label} obs fisher MLP-only fisher-allocated + refit"] = (
+            dict(obs, obs_fisher=True, obs_allocation="fisher"), "c4")
 
 
 _project_rows()

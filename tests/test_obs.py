@@ -229,3 +229,17 @@ def test_output_fisher_is_the_sum_of_gradient_outer_products():
     h.remove()
     g = y_seen["y"].grad.reshape(-1, 32).double()
     torch.testing.assert_close(f, g.T @ g, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--selection", "obs"], "--selection obs with --compensation none"),
+    (["--obs_fisher"], "--obs_fisher needs --selection obs"),
+    (["--obs_allocation", "fisher"], "--obs_allocation fisher needs --selection obs"),
+    (["--selection", "obs", "--compensation", "refit", "--offload"], "--selection obs (in-memory"),
+    (["--selection", "obs", "--compensation", "refit", "--obs_damp", "0"], "--obs_damp 0.0: must be > 0"),
+])
+def test_cli_refuses_unsupported_obs_combinations(tmp_path, extra, message):
+    argv = ["--base_model", str(tmp_path), "--log_dir", str(tmp_path / "log"), *extra]
+    status, _, err = run_cli("hf_prune.py", argv)
+    assert status != 0 and message in err, err[-2000:]
+    assert not (tmp_path / "log").exists()
