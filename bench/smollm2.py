@@ -64,9 +64,9 @@ def _project_rows() -> None:
         ROWS[f"{label} wanda MLP-only uniform"] = (dict(pruner_type="wanda", param_budget=b, **mlp_only), "c4")
         obs = dict(pruner_type="l2", param_budget=b, compensation="refit", selection="obs", **mlp_only)
         ROWS[f"{label} obs MLP-only uniform + refit"] = (obs, "c4")
-        ROWS[f"{label} obs fisher MLP-only uniform + refit"] = (dict(obs, obs_fisher=True), "c4")
-        ROWS[f"{label} obs fisher MLP-only fisher-allocated + refit"] = (
-            dict(obs, obs_fisher=True, obs_allocation="fisher"), "c4")
+        ROWS[f"{label} obs MLP-only residual-allocated + refit"] = (dict(obs, obs_allocation="residual"), "c4")
+        ROWS[f"{label} obs MLP-only residual-allocated layers 1..28 + refit"] = (
+            dict(obs, obs_allocation="residual", mlp_layers=range(1, 29)), "c4")
 
 
 _project_rows()

@@ -243,3 +243,11 @@ def test_cli_refuses_unsupported_obs_combinations(tmp_path, extra, message):
     status, _, err = run_cli("hf_prune.py", argv)
     assert status != 0 and message in err, err[-2000:]
     assert not (tmp_path / "log").exists()
+
+
+def test_a_heavily_weighted_prior_decides_and_the_update_stays_the_least_squares_refit():
+    prior = torch.tensor([5.0, 0.1, 3.0, 0.2, 4.0, 0.3])
+    removed, w_new, _ = obs_select(W, H, SINGLE, 3, damp=0.0, prior=prior, prior_weight=1e6)
+    assert removed == [1, 3, 5]
+    kept = [0, 2, 4]
+    torch.testing.assert_close(w_new[:, kept], _refit(W, X, kept), rtol=1e-9, atol=1e-9)
