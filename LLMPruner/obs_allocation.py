@@ -78,9 +78,12 @@ def allocate(curves: dict[str, list[float]], scale: dict[str, float], total: int
 @torch.no_grad()
 def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                examples: torch.Tensor, how: Allocation, damp: float = DAMP, batch_size: int = 8,
-               max_fraction: float = 0.6, fisher: dict[str, torch.Tensor] | None = None) -> dict[str, list[int]]:
+               max_fraction: float | None = None,
+               fisher: dict[str, torch.Tensor] | None = None) -> dict[str, list[int]]:
     """Redistribute the units of ``removed`` (``{family: units}``) across ``families`` by scaled OBS
-    error; returns ``{family: placeholder units}`` whose *counts* the sequential OBS pass uses."""
+    error; returns ``{family: placeholder units}`` whose *counts* the sequential OBS pass uses. A family
+    loses at most ``max_fraction`` of its units (default: 0.6, or the mean fraction removed + 0.15 if
+    that is larger)."""
     if how == "uniform":
         return removed
     if how == "fisher" and fisher is None:
@@ -91,6 +94,9 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
     if len(costs) != 1:
         raise ValueError(f"--obs_allocation {how}: the families' units cost different parameter counts "
                          f"({sorted(costs)}); prune one kind (e.g. --skip_attention) or use uniform")
+    total = sum(len(v) for v in removed.values())
+    if max_fraction is None:
+        max_fraction = max(0.6, total / sum(f.n_units for f in families) + 0.15)
     cons = consumers(model, families)
     stats = collect_input_stats(model, cons, examples, batch_size, gram=True)
     residual = _residual_scale(model, examples, batch_size) if how == "residual" else {}
@@ -105,6 +111,6 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
         _, _, curves[fam.key] = obs_select(w, g, consumer_columns(fam, name), n, damp, fisher=f)
         scale[fam.key] = (residual[fam.layer] if how == "residual" else 1.0 if how == "fisher"
                           else float(((w @ g) * w).sum()))
-    counts = allocate(curves, scale, sum(len(v) for v in removed.values()))
+    counts = allocate(curves, scale, total)
     logger.info("OBS allocation (%s): %s", how, {k: v for k, v in counts.items()})
     return {k: list(range(n)) for k, n in counts.items()}
