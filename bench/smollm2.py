@@ -6,10 +6,10 @@ reference's flags vs the project's best retraining-free settings at equal parame
 The model is ``../shared/models/SmolLM2-135M-Instruct-Q4_1`` (GGUF, dequantised once into a temporary
 safetensors folder) unless ``--smollm2`` names an fp32 folder. Calibration and evaluation use the fixed
 ids of ``../shared/data/smollm2_protocol.json``: the paper rows calibrate on its 10 x 64 ``calib`` ids;
-the project's rows on 128 x 128 tokens of ``../shared/data/c4/c4_demo.jsonl`` (seeded windows; rows marked
-256x128 on 256 x 128). The ``obs`` rows: ``--selection obs`` (structured OBS in the sequential pass,
-``LLMPruner/obs.py``), the l2 scores only giving the uniform per-layer counts that ``residual``
-allocation then redistributes (``LLMPruner/obs_allocation.py``). PPL =
+the project's rows on 128 x 128 tokens of ``../shared/data/c4/c4_demo.jsonl`` (seeded windows). The
+``obs`` rows: ``--selection obs`` (structured OBS in the sequential pass, ``LLMPruner/obs.py``), the l2
+scores only giving the uniform per-layer counts that ``residual`` allocation may redistribute
+(``LLMPruner/obs_allocation.py``). PPL =
 exp(mean next-token CE over the ``--windows`` first 128-token windows of WikiText-2 / PTB, batches of 4).
 Each row runs in a fresh process (peak RSS is that process's), pruning timed alone.
 """
@@ -68,8 +68,6 @@ def _project_rows() -> None:
         obs = dict(pruner_type="l2", param_budget=b, compensation="refit", selection="obs", **mlp_only)
         ROWS[f"{label} obs MLP-only uniform + refit"] = (obs, "c4")
         ROWS[f"{label} obs MLP-only residual-allocated + refit"] = (dict(obs, obs_allocation="residual"), "c4")
-        ROWS[f"{label} obs MLP-only residual-allocated + refit, 256x128"] = (dict(obs, obs_allocation="residual"),
-                                                                           "c4_256")
 
 
 _project_rows()
@@ -90,8 +88,8 @@ def run_one(name: str, model_dir: str, windows: int) -> dict:
     examples = None
     if calib == "paper":
         examples = torch.tensor(proto["calib"])
-    elif calib in ("c4", "c4_256"):
-        examples = calibration_examples(str(C4), tokenizer, 256 if calib == "c4_256" else 128, 128, seed=0)
+    elif calib == "c4":
+        examples = calibration_examples(str(C4), tokenizer, 128, 128, seed=0)
     t0 = time.perf_counter()
     if kwargs:
         prune(model, examples=examples, seed=42, **kwargs)
@@ -99,7 +97,7 @@ def run_one(name: str, model_dir: str, windows: int) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model.eval()
     out = {"name": name, "params": count_parameters(model), "prune s": round(seconds, 1),
-           "peak RSS MB": round(rss), "calibration": {"paper": "10x64", "c4": "128x128 C4", "c4_256": "256x128 C4"}.get(calib, "")}
+           "peak RSS MB": round(rss), "calibration": {"paper": "10x64", "c4": "128x128 C4"}.get(calib, "")}
     for ds in ("wikitext2", "ptb"):
         ids = torch.tensor(proto[ds][:windows])
         out[ds] = round(_ppl(model, ids), 2)
