@@ -69,7 +69,8 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           budget_criterion: BudgetCriterion = "uniform",
           refit_target: Literal["dense", "pruned"] = "pruned", selection: Selection = "score",
           obs_damp: float = DAMP, obs_prior_weight: float = 0.0,
-          obs_allocation: Allocation = "uniform", obs_fisher: bool = False) -> PruneResult:
+          obs_allocation: Allocation = "uniform", obs_fisher: bool = False,
+          obs_max_fraction: float | None = None) -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``).
     ``selection="obs"`` (with ``compensation="refit"``): the scores set how many units each family loses,
     structured OBS on the pruned model's inputs chooses which (``obs.py``)."""
@@ -125,7 +126,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
                 reselect = obs_reselect(obs_damp, scores if obs_prior_weight else None, obs_prior_weight,
                                         fisher if obs_fisher else None)
                 removed = obs_counts(model, targets, removed, examples, obs_allocation, obs_damp,
-                                     calibration_batch_size, fisher=fisher)
+                                     calibration_batch_size, max_fraction=obs_max_fraction, fisher=fisher)
             removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                        batch_size=calibration_batch_size, reselect=reselect,
                                        grouping=grouping_strategy, target=refit_target)

@@ -68,6 +68,8 @@ def _project_rows() -> None:
         obs = dict(pruner_type="l2", param_budget=b, compensation="refit", selection="obs", **mlp_only)
         ROWS[f"{label} obs MLP-only uniform + refit"] = (obs, "c4")
         ROWS[f"{label} obs MLP-only residual-allocated + refit"] = (dict(obs, obs_allocation="residual"), "c4")
+        ROWS[f"{label} obs MLP-only residual-allocated (cap 80 %) + refit"] = (
+            dict(obs, obs_allocation="residual", obs_max_fraction=0.8), "c4")
 
 
 _project_rows()
