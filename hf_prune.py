@@ -38,9 +38,9 @@ from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
-from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.obs import DAMP, SELECTIONS, check_selection
 from LLMPruner.obs_allocation import ALLOCATIONS
+from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
 from LLMPruner.run_folder import RunFolder
 from LLMPruner.select import ROUNDINGS

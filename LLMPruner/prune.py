@@ -28,10 +28,10 @@ from .depth import LayerImportance, choose_layers
 from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
 from .graph import discover
 from .heads import head_family, rank_family
-from .plan import PruningPlan
+from .obs import DAMP, Selection, check_selection, obs_reselect
 from .obs_allocation import Allocation, obs_counts
 from .obs_fisher import output_fisher
-from .obs import DAMP, SELECTIONS, Selection, check_selection, obs_reselect
+from .plan import PruningPlan
 from .select import Rounding, channels_per_unit, choose, make_plan
 from .sequential import sequential_prune
 from .shrink import apply_plan
