@@ -38,6 +38,8 @@ from LLMPruner.compensate import COMPENSATIONS
 from LLMPruner.depth import LAYER_IMPORTANCES
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
+from LLMPruner.obs import DAMP, SELECTIONS, check_selection
+from LLMPruner.obs_allocation import ALLOCATIONS
 from LLMPruner.prompts import REFERENCE_PROMPTS
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
 from LLMPruner.run_folder import RunFolder
@@ -83,6 +85,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="correct o_proj/down_proj for removed inputs: refit (least squares layer by layer on "
                         "the pruned model's inputs, stock architecture, recommended; needs >= 2x the input "
                         "width in calibration tokens), refit_oneshot (from dense statistics) or bias (FLAP)")
+    b.add_argument("--selection", default="score", choices=SELECTIONS,
+                   help="which units go: score (the lowest --pruner_type scores) or obs (structured Optimal "
+                        "Brain Surgeon on the pruned model's inputs, layer by layer, LLMPruner/obs.py; the "
+                        "scores then only set how many units each family loses; needs --compensation refit)")
+    b.add_argument("--obs_damp", type=float, default=DAMP,
+                   help="--selection obs: damping of X^T X, relative to its mean diagonal")
+    b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
+                   help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
+                        "where the OBS error relative to the layer's residual stream (residual) or to the "
+                        "consumer's output (output) is smallest, or by the Fisher-weighted errors (fisher: "
+                        "estimated loss changes; LLMPruner/obs_allocation.py)")
+    b.add_argument("--obs_fisher", action="store_true",
+                   help="--selection obs: weight the output error by the loss gradient's outer products at "
+                        "the consumer's output (K-FAC, one backward pass; LLMPruner/obs_fisher.py)")
     b.add_argument("--query_heads", action="store_true",
                    help="also prune query heads inside each KV group (the same count per group); with "
                         "--pruning_ratio they replace whole KV groups")
@@ -138,6 +154,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--param_budget {args.param_budget}: must be in [0, 1)")
     if args.round_to < 1:
         p.error(f"--round_to {args.round_to}: must be >= 1")
+    if args.obs_damp <= 0:
+        p.error(f"--obs_damp {args.obs_damp}: must be > 0")
+    try:
+        check_selection(args.selection, args.compensation)
+    except ValueError as err:
+        p.error(str(err))
+    if args.obs_allocation != "uniform" and args.selection != "obs":
+        p.error(f"--obs_allocation {args.obs_allocation} needs --selection obs")
+    if args.obs_fisher and args.selection != "obs":
+        p.error("--obs_fisher needs --selection obs")
     check_offload_args(p, args)
     check_inputs(args)
     return args
@@ -237,7 +263,8 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                    compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
                    query_heads=args.query_heads, budget_criterion=args.budget_criterion,
-                   unit_rounding=args.unit_rounding, **ranges)
+                   unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
+                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher, **ranges)
     if args.device_map:
         unplace_model(model, args.device)
     after = count_parameters(model)
@@ -400,7 +427,8 @@ def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     unsupported = {"--device_map": args.device_map is not None, "--layer_wise": args.layer_wise,
                    "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,
                    "--test_before_train": args.test_before_train,
-                   "--save_gguf (run export.py on the saved folder)": args.save_gguf}
+                   "--save_gguf (run export.py on the saved folder)": args.save_gguf,
+                   "--selection obs (in-memory sequential pass only)": args.selection != "score"}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         p.error(f"--offload cannot be combined with {', '.join(bad)} (they need the whole model in memory); "

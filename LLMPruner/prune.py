@@ -28,6 +28,9 @@ from .depth import LayerImportance, choose_layers
 from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
 from .graph import discover
 from .heads import head_family, rank_family
+from .obs import DAMP, Selection, check_selection, obs_reselect
+from .obs_allocation import Allocation, obs_counts
+from .obs_fisher import output_fisher
 from .plan import PruningPlan
 from .select import Rounding, channels_per_unit, choose, make_plan
 from .sequential import sequential_prune
@@ -64,8 +67,13 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
           ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
           budget_criterion: BudgetCriterion = "uniform",
-          refit_target: Literal["dense", "pruned"] = "pruned") -> PruneResult:
-    """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``)."""
+          refit_target: Literal["dense", "pruned"] = "pruned", selection: Selection = "score",
+          obs_damp: float = DAMP, obs_prior_weight: float = 0.0,
+          obs_allocation: Allocation = "uniform", obs_fisher: bool = False,
+          obs_max_fraction: float | None = None) -> PruneResult:
+    """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``).
+    ``selection="obs"`` (with ``compensation="refit"``): the scores set how many units each family loses,
+    structured OBS on the pruned model's inputs chooses which (``obs.py``)."""
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     result = PruneResult()
@@ -79,6 +87,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         _apply(model, PruningPlan(keep_layers=list(range(layer))), result)
         return result
     _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
+    check_selection(selection, compensation)
     start_params = non_embedding_parameters(model)
     if mode not in ("block_wise", "channel_wise"):
         raise ValueError(f"mode {mode!r}: choose block_wise, channel_wise or layer_wise")
@@ -110,6 +119,14 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         _warn_rounding(targets, removed, round_to)
         if compensation == "refit":
             reselect = pruner_type if pruner_type in ACTIVATION_PRUNERS else None
+            if selection == "obs":
+                fisher = None
+                if obs_fisher or obs_allocation == "fisher":
+                    fisher = output_fisher(model, list(consumers(model, targets)), examples, calibration_batch_size)
+                reselect = obs_reselect(obs_damp, scores if obs_prior_weight else None, obs_prior_weight,
+                                        fisher if obs_fisher else None)
+                removed = obs_counts(model, targets, removed, examples, obs_allocation, obs_damp,
+                                     calibration_batch_size, max_fraction=obs_max_fraction, fisher=fisher)
             removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                        batch_size=calibration_batch_size, reselect=reselect,
                                        grouping=grouping_strategy, target=refit_target)

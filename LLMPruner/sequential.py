@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 #: ``forward(layer, b, h)``: the decoder layer ``layer`` on batch ``b``'s input ``h`` -> output states
 Forward = Callable[[nn.Module, int, torch.Tensor], torch.Tensor]
+# (model, group, chosen, consumer, stats) -> chosen: a selection made on the pruned stream, e.g. obs.obs_reselect()
+Reselect = Callable[..., dict]
 
 
 class _Stop(Exception):
@@ -107,7 +109,7 @@ def cross_stats(forward: Forward, dense_layer: nn.Module | None, layer: nn.Modul
 
 def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.Module | None, fams: list[Family],
                            removed: dict[str, list[int]], forward: Forward, dense_h, pruned_h, layer_prefix: str, *,
-                           ridge: float | None = None, reselect: str | None = None, grouping: str = "sum",
+                           ridge: float | None = None, reselect: str | Reselect | None = None, grouping: str = "sum",
                            target: str = "pruned") -> PruningPlan:
     """Layer ``L`` (``layer``, the model's own module, dense on entry) refit and sliced in place, consumer
     by consumer, on the pruned stream ``pruned_h``; returns the layer's plan (its kept indices and the
@@ -117,7 +119,9 @@ def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.M
         rel = consumer[len(layer_prefix):].rpartition(".")[0]
         fit, check = cross_stats(forward, dense_layer, layer, rel, dense_h, pruned_h, target)
         chosen = {f.key: removed.get(f.key, []) for f in group}
-        if reselect:
+        if callable(reselect):  # e.g. obs.obs_reselect(): (model, group, chosen, consumer, stats)
+            chosen = reselect(model, group, chosen, consumer, fit.merged(check))
+        elif reselect:
             chosen = _reselect(model, group, chosen, consumer, fit.merged(check), reselect, grouping)
         plan = make_plan(model, group, chosen)
         out.keep.update(plan.keep)
@@ -128,11 +132,13 @@ def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.M
 
 def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                      examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
-                     reselect: str | None = None, grouping: str = "sum",
+                     reselect: str | Reselect | None = None, grouping: str = "sum",
                      target: str = "pruned") -> dict[str, list[int]]:
     """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the
     units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
-    in each family from the pruned model's own input statistics). Families must be per-layer.
+    in each family from the pruned model's own input statistics; a callable ``reselect(model, group,
+    chosen, consumer, stats)`` does the same its own way, e.g. ``obs.obs_reselect()``). Families must be
+    per-layer.
     ``target="pruned"`` (default, better measured on stories260K: 8.74 vs 9.28 PPL at a 20 % budget) fits
     ``V x~_K`` to ``W x~`` (SparseGPT's layer-wise objective); ``"dense"`` to the dense model's ``W x``
     (tries to correct upstream error too)."""

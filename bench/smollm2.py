@@ -6,7 +6,10 @@ reference's flags vs the project's best retraining-free settings at equal parame
 The model is ``../shared/models/SmolLM2-135M-Instruct-Q4_1`` (GGUF, dequantised once into a temporary
 safetensors folder) unless ``--smollm2`` names an fp32 folder. Calibration and evaluation use the fixed
 ids of ``../shared/data/smollm2_protocol.json``: the paper rows calibrate on its 10 x 64 ``calib`` ids;
-the project's rows on 128 x 128 tokens of ``../shared/data/c4/c4_demo.jsonl`` (seeded windows). PPL =
+the project's rows on 128 x 128 tokens of ``../shared/data/c4/c4_demo.jsonl`` (seeded windows). The
+``obs`` rows: ``--selection obs`` (structured OBS in the sequential pass, ``LLMPruner/obs.py``), the l2
+scores only giving the uniform per-layer counts that ``residual`` allocation may redistribute
+(``LLMPruner/obs_allocation.py``). PPL =
 exp(mean next-token CE over the ``--windows`` first 128-token windows of WikiText-2 / PTB, batches of 4).
 Each row runs in a fresh process (peak RSS is that process's), pruning timed alone.
 """
@@ -62,6 +65,11 @@ def _project_rows() -> None:
             ROWS[f"{label} taylor MLP-only uniform + refit"] = (
                 dict(pruner_type="taylor", param_budget=b, compensation="refit", **mlp_only), "c4")
         ROWS[f"{label} wanda MLP-only uniform"] = (dict(pruner_type="wanda", param_budget=b, **mlp_only), "c4")
+        obs = dict(pruner_type="l2", param_budget=b, compensation="refit", selection="obs", **mlp_only)
+        ROWS[f"{label} obs MLP-only uniform + refit"] = (obs, "c4")
+        ROWS[f"{label} obs MLP-only residual-allocated + refit"] = (dict(obs, obs_allocation="residual"), "c4")
+        ROWS[f"{label} obs MLP-only residual-allocated (cap 80 %) + refit"] = (
+            dict(obs, obs_allocation="residual", obs_max_fraction=0.8), "c4")
 
 
 _project_rows()

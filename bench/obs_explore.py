@@ -1,0 +1,89 @@
+"""Exploration of structured-OBS selection on SmolLM2 (few windows): one process, model loaded once.
+
+    python bench/obs_explore.py --windows 40 --out /tmp/obs_explore.jsonl VARIANT [VARIANT ...]
+
+A VARIANT is ``name:key=value,key=value`` of ``prune()`` keyword arguments on top of the 118.6M
+MLP-only uniform setting (layers 4..27, 128 x 128 C4 tokens), e.g. ``obs:selection=obs,pruner_type=l2``;
+``target=95.6M`` / ``107.6M`` changes the parameter count.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2 import C4, PROTOCOL, TARGETS, _budget, _ppl  # noqa: E402
+
+
+def parse(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    kw = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                pass
+        kw[k] = v
+    return name, kw
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    p = argparse.ArgumentParser()
+    p.add_argument("variants", nargs="+")
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--model", default="/tmp/smollm2_fp32")
+    p.add_argument("--out", default="/tmp/obs_explore.jsonl")
+    p.add_argument("--ptb", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("LLMPruner.obs_allocation", "LLMPruner.sequential"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    from LLMPruner.checkpoint import load_model
+    from LLMPruner.data.calibration import calibration_examples
+    from LLMPruner.prune import prune
+    from LLMPruner.shrink import count_parameters
+    proto = json.loads(PROTOCOL.read_text())
+    base, tok = load_model(args.model, device="cpu", dtype=torch.float32)
+    base.eval()
+    for spec in args.variants:
+        name, kw = parse(spec)
+        n_ex = kw.pop("num_examples", 128)
+        seq = kw.pop("seq_len", 128)
+        target = kw.pop("target", "118.6M")
+        first, last = (int(v) for v in str(kw.pop("layers", "4-28")).split("-"))
+        examples = calibration_examples(str(C4), tok, n_ex, seq, seed=0)
+        model = copy.deepcopy(base)
+        full = dict(pruner_type="taylor", param_budget=_budget(TARGETS[target]), attention_layers=range(0),
+                    mlp_layers=range(first, last), compensation="refit")
+        full.update(kw)
+        t0 = time.perf_counter()
+        prune(model, examples=examples, seed=42, **full)
+        secs = time.perf_counter() - t0
+        model.eval()
+        row = {"name": name, "spec": spec, "target": target, "params": count_parameters(model),
+               "prune s": round(secs, 1), "rss MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "wikitext2": round(_ppl(model, torch.tensor(proto["wikitext2"][:args.windows])), 2),
+               "windows": args.windows}
+        if args.ptb:
+            row["ptb"] = round(_ppl(model, torch.tensor(proto["ptb"][:args.windows])), 2)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        del model
+
+
+if __name__ == "__main__":
+    main()
