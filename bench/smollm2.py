@@ -70,6 +70,8 @@ def _project_rows() -> None:
         ROWS[f"{label} obs MLP-only residual-allocated + refit"] = (dict(obs, obs_allocation="residual"), "c4")
         ROWS[f"{label} obs MLP-only residual-allocated (cap 80 %) + refit"] = (
             dict(obs, obs_allocation="residual", obs_max_fraction=0.8), "c4")
+        ROWS[f"{label} obs MLP-only residual-allocated (cap 40 %) + refit"] = (
+            dict(obs, obs_allocation="residual", obs_max_fraction=0.4), "c4")
 
 
 _project_rows()
