@@ -8,7 +8,9 @@ removal. Errors of different layers are made comparable by dividing by a per-lay
   the residual stream through RMSNorm, so what matters is the error relative to it);
 * ``output``: the consumer's own output ``sum ||W x||^2`` (the relative reconstruction error);
 * ``fisher``: none (scale 1): the errors are Fisher-weighted (``obs_fisher.py``), estimates of the loss
-  change, comparable as they are.
+  change, comparable as they are;
+* ``kl``: no proxy: each layer's damage is measured, the KL divergence from the dense model with that
+  layer alone pruned at several levels (``obs_measured.py``).
 
 Then the total number of units that the budget removes is spent where the scaled marginal error is
 smallest (one unit at a time, the next cheapest removal of any family). All families must have the
@@ -31,8 +33,8 @@ from .obs import DAMP, consumer_columns, obs_select
 
 logger = logging.getLogger(__name__)
 
-Allocation = Literal["uniform", "residual", "output", "fisher"]
-ALLOCATIONS = ("uniform", "residual", "output", "fisher")
+Allocation = Literal["uniform", "residual", "output", "fisher", "kl"]
+ALLOCATIONS = ("uniform", "residual", "output", "fisher", "kl")
 
 
 @torch.no_grad()
@@ -97,6 +99,12 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
     total = sum(len(v) for v in removed.values())
     if max_fraction is None:
         max_fraction = max(0.6, total / sum(f.n_units for f in families) + 0.15)
+    if how == "kl":
+        from .obs_measured import measured_curves  # imports the streamed-states helpers
+        curves = measured_curves(model, families, examples, damp, batch_size, max_fraction)
+        counts = allocate(curves, {k: 1.0 for k in curves}, total)
+        logger.info("OBS allocation (kl): %s", counts)
+        return {k: list(range(n)) for k, n in counts.items()}
     cons = consumers(model, families)
     stats = collect_input_stats(model, cons, examples, batch_size, gram=True)
     residual = _residual_scale(model, examples, batch_size) if how == "residual" else {}
