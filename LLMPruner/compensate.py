@@ -89,11 +89,15 @@ class CrossStats:
     """Streamed statistics of one consumer's inputs in both streams: ``x`` (dense model), ``x~`` (pruned).
 
     ``gram`` = ``sum x~ x~^T``, ``cross`` = ``sum x x~^T`` (rows: dense channels, columns: pruned), both
-    ``[in, in]`` float64; ``total`` = ``sum x~``; ``count`` tokens. Without upstream pruning ``x~ = x``."""
+    ``[in, in]`` float64; ``total`` = ``sum x~``; ``count`` tokens. Without upstream pruning ``x~ = x``.
+    ``extra`` (``[out, in]``, optional) = ``sum e x~^T``: an additive output target ``e`` per token (the
+    fit is then ``V x~_K ~ W x + e``; the sequential ``residual`` target puts the residual stream's
+    accumulated error there)."""
     count: int
     total: torch.Tensor
     gram: torch.Tensor
     cross: torch.Tensor
+    extra: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, width: int) -> "CrossStats":
@@ -101,21 +105,34 @@ class CrossStats:
         return cls(0, torch.zeros(width, dtype=torch.float64), z, z.clone())
 
     def merged(self, other: "CrossStats") -> "CrossStats":
+        extra = None if self.extra is None and other.extra is None else (
+            (0 if self.extra is None else self.extra) + (0 if other.extra is None else other.extra))
         return CrossStats(self.count + other.count, self.total + other.total, self.gram + other.gram,
-                          self.cross + other.cross)
+                          self.cross + other.cross, extra)
 
-    def add(self, x: torch.Tensor, xp: torch.Tensor) -> None:
-        """``x``, ``xp``: ``[tokens, in]`` (float32 products, float64 sums)."""
+    def add(self, x: torch.Tensor, xp: torch.Tensor, e: torch.Tensor | None = None) -> None:
+        """``x``, ``xp``: ``[tokens, in]``; ``e``: ``[tokens, out]`` additive targets (float32 products,
+        float64 sums)."""
         assert x.shape == xp.shape, (x.shape, xp.shape)
         self.count += x.shape[0]
         self.total += xp.sum(0).double().cpu()
         self.gram += (xp.T @ xp).double().cpu()
         self.cross += (x.T @ xp).double().cpu()
+        if e is not None:
+            term = (e.T @ xp).double().cpu()
+            self.extra = term if self.extra is None else self.extra + term
+
+
+def _target_cross(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor) -> torch.Tensor:
+    """``sum_t y_t x~_t,K^T`` for the target ``y = W x (+ e)``: ``[out, K]``."""
+    b = w @ stats.cross[:, kept]
+    return b if stats.extra is None else b + stats.extra[:, kept]
 
 
 def reconstruction_objective(w: torch.Tensor, v: torch.Tensor, stats: CrossStats, kept: torch.Tensor) -> float:
-    """``sum_t ||W x_t - V x~_t,K||^2`` minus its ``V``-independent part ``sum_t ||W x_t||^2``."""
-    b = w @ stats.cross[:, kept]                                          # [out, K]
+    """``sum_t ||y_t - V x~_t,K||^2`` (``y = W x``, ``+ e`` with ``extra``) minus its ``V``-independent
+    part ``sum_t ||y_t||^2``."""
+    b = _target_cross(w, stats, kept)                                     # [out, K]
     return float(-2.0 * (v * b).sum() + ((v @ stats.gram[kept][:, kept]) * v).sum())
 
 
@@ -127,7 +144,7 @@ def solve_refit(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: f
     g_kk = stats.gram[kept][:, kept]
     lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
     a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype)
-    return torch.linalg.solve(a, (w @ stats.cross[:, kept]).T).T
+    return torch.linalg.solve(a, _target_cross(w, stats, kept).T).T
 
 
 def refit_layer(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: float | None = None,

@@ -67,7 +67,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
           ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
           budget_criterion: BudgetCriterion = "uniform",
-          refit_target: Literal["dense", "pruned"] = "pruned", selection: Selection = "score",
+          refit_target: Literal["dense", "pruned", "residual"] = "pruned", selection: Selection = "score",
           obs_damp: float = DAMP, obs_prior_weight: float = 0.0,
           obs_allocation: Allocation = "uniform", obs_fisher: bool = False,
           obs_max_fraction: float | None = None) -> PruneResult:
