@@ -52,6 +52,22 @@ def perturbed_model(config, seed: int = 0):
     return model
 
 
+class Interrupt(Exception):
+    """Raised by ``kill_at_step``: a training run killed mid-way (resume tests)."""
+
+
+def kill_at_step(step: int):
+    """A Trainer callback that raises ``Interrupt`` at the end of optimizer step ``step``."""
+    from transformers import TrainerCallback
+
+    class KillAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Interrupt
+
+    return KillAtStep()
+
+
 @pytest.fixture
 def stories_path() -> Path:
     return need_shared("models", "stories260K")

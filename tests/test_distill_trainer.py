@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import Interrupt, kill_at_step, tiny_model
 
 from LLMPruner.recover import RecoveryConfig, build_trainer
 from LLMPruner.recover.distill import DistillConfig, distill_trainer_class, logits_are_head_output
@@ -111,18 +111,9 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
     assert evals[-1] < 0.8 * evals[0], evals
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, mode):
-    from transformers import TrainerCallback, set_seed
-
-    class KillAtStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise Interrupt
+    from transformers import set_seed
 
     def run(folder, callbacks=None, resume=None):
         set_seed(1)
@@ -134,7 +125,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, mode):
 
     full = run("full")
     with pytest.raises(Interrupt):
-        run("killed", callbacks=[KillAtStep()])
+        run("killed", callbacks=[kill_at_step(3)])
     checkpoint = tmp_path / "killed" / "out" / "checkpoint-2"
     resumed = run("killed", resume=str(checkpoint))
     assert resumed.state.global_step == full.state.global_step == 6

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import Interrupt, kill_at_step, tiny_model
 from test_recover_data import alpaca_records, char_tokenizer, write
 
 from LLMPruner.adapters import get_adapter
@@ -78,17 +78,8 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path):
         trainer.train()
 
 
-class Interrupt(Exception):
-    pass
-
-
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
-    from transformers import TrainerCallback, set_seed
-
-    class KillAtStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise Interrupt
+    from transformers import set_seed
 
     def run(folder, callbacks=None, resume=None):
         set_seed(1)
@@ -100,7 +91,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
     full = run("full")
     with pytest.raises(Interrupt):
-        run("killed", callbacks=[KillAtStep()])
+        run("killed", callbacks=[kill_at_step(3)])
     checkpoint = tmp_path / "killed" / "out" / "checkpoint-2"
     assert checkpoint.is_dir() and not (tmp_path / "killed" / "out" / "checkpoint-4").exists()
     resumed = run("killed", resume=str(checkpoint))
