@@ -4,7 +4,8 @@
 
 A VARIANT is ``name:key=value,key=value`` of ``prune()`` keyword arguments on top of the 118.6M
 MLP-only uniform setting (layers 4..27, 128 x 128 C4 tokens), e.g. ``obs:selection=obs,pruner_type=l2``;
-``target=95.6M`` / ``107.6M`` changes the parameter count.
+``target=95.6M`` / ``107.6M`` changes the parameter count; ``counts=FILE`` (a JSON ``{family: count}``, or
+bench/alloc_search.py's output) gives the sequential OBS pass its per-layer counts.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--ptb", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    for name in ("LLMPruner.obs_allocation", "LLMPruner.sequential"):
+    for name in ("LLMPruner.obs_allocation", "LLMPruner.obs_measured", "LLMPruner.sequential"):
         logging.getLogger(name).setLevel(logging.INFO)
     from LLMPruner.checkpoint import load_model
     from LLMPruner.data.calibration import calibration_examples
@@ -64,6 +65,14 @@ def main() -> None:
         seq = kw.pop("seq_len", 128)
         target = kw.pop("target", "118.6M")
         first, last = (int(v) for v in str(kw.pop("layers", "4-28")).split("-"))
+        counts_file = kw.pop("counts", None)  # per-family counts for the sequential OBS pass (a JSON file)
+        import LLMPruner.prune as prune_module
+        from LLMPruner.obs_allocation import obs_counts
+        prune_module.obs_counts = obs_counts
+        if counts_file:
+            given = json.loads(Path(counts_file).read_text())
+            given = given.get("counts", given)
+            prune_module.obs_counts = lambda *a, **k: {key: list(range(n)) for key, n in given.items()}
         examples = calibration_examples(str(C4), tok, n_ex, seq, seed=0)
         model = copy.deepcopy(base)
         full = dict(pruner_type="taylor", param_budget=_budget(TARGETS[target]), attention_layers=range(0),
