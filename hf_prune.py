@@ -33,17 +33,12 @@ from LLMPruner.adapters import get_adapter
 from LLMPruner.checkpoint import load_model, save_pruned
 from LLMPruner.export import check_gguf_exportable, export_gguf
 from LLMPruner.data.calibration import calibration_examples
-from LLMPruner.budget import BUDGET_CRITERIA
-from LLMPruner.compensate import COMPENSATIONS
-from LLMPruner.depth import LAYER_IMPORTANCES
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
-from LLMPruner.obs import DAMP, SELECTIONS, check_selection
-from LLMPruner.obs_allocation import ALLOCATIONS
 from LLMPruner.prompts import REFERENCE_PROMPTS
+from LLMPruner.prune_args import add_beyond_args, add_offload_args, check_beyond_args, check_offload_args
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
 from LLMPruner.run_folder import RunFolder
-from LLMPruner.select import ROUNDINGS
 from LLMPruner.shrink import count_parameters
 from LLMPruner.stream.pipeline import open_source, prune_offloaded
 from LLMPruner.stream.placement import parse_device_map, place_model, unplace_model
@@ -76,47 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--iterative_steps", type=int, default=1, help="prune in this many steps, re-estimating each time")
     a("--global_pruning", action="store_true", help="rank units of each kind across all pruned layers")
     a("--round_to", type=int, default=1, help="round kept MLP/hidden channels to a multiple of this")
-    b = p.add_argument_group("beyond LLM-Pruner (retraining-free quality, depth)")
-    b.add_argument("--param_budget", type=float, default=None,
-                   help="remove this fraction of the non-embedding parameters, ranking standardised scores "
-                        "of heads and MLP channels globally (replaces --pruning_ratio; layer ranges apply "
-                        "only if given)")
-    b.add_argument("--compensation", default="none", choices=COMPENSATIONS,
-                   help="correct o_proj/down_proj for removed inputs: refit (least squares layer by layer on "
-                        "the pruned model's inputs, stock architecture, recommended; needs >= 2x the input "
-                        "width in calibration tokens), refit_oneshot (from dense statistics) or bias (FLAP)")
-    b.add_argument("--selection", default="score", choices=SELECTIONS,
-                   help="which units go: score (the lowest --pruner_type scores) or obs (structured Optimal "
-                        "Brain Surgeon on the pruned model's inputs, layer by layer, LLMPruner/obs.py; the "
-                        "scores then only set how many units each family loses; needs --compensation refit)")
-    b.add_argument("--obs_damp", type=float, default=DAMP,
-                   help="--selection obs: damping of X^T X, relative to its mean diagonal")
-    b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
-                   help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
-                        "where the OBS error relative to the layer's residual stream (residual) or to the "
-                        "consumer's output (output) is smallest, or by the Fisher-weighted errors (fisher: "
-                        "estimated loss changes; LLMPruner/obs_allocation.py)")
-    b.add_argument("--obs_fisher", action="store_true",
-                   help="--selection obs: weight the output error by the loss gradient's outer products at "
-                        "the consumer's output (K-FAC, one backward pass; LLMPruner/obs_fisher.py)")
-    b.add_argument("--query_heads", action="store_true",
-                   help="also prune query heads inside each KV group (the same count per group); with "
-                        "--pruning_ratio they replace whole KV groups")
-    b.add_argument("--skip_attention", action="store_true",
-                   help="prune MLP channels only (no heads), the best measured structure on SmolLM2")
-    b.add_argument("--budget_criterion", default="uniform", choices=BUDGET_CRITERIA,
-                   help="--param_budget allocation: the same fraction of every family in the layer ranges "
-                        "(best measured), score per parameter removed, or per-family z-scores")
-    b.add_argument("--unit_rounding", default="reference", choices=ROUNDINGS,
-                   help="units removed per layer at --pruning_ratio: as the reference (floor, in the "
-                        "channels of k_proj / the MLP) or nearest")
-    b.add_argument("--ridge", type=float, default=None,
-                   help="ridge of the refit, relative to the mean Gram diagonal (default: refit chooses it per "
-                        "layer on held-out calibration tokens; refit_oneshot uses 1e-3)")
-    b.add_argument("--prune_layers", type=int, default=0, help="remove this many whole decoder layers first")
-    b.add_argument("--layer_importance", default="block_influence", choices=LAYER_IMPORTANCES,
-                   help="how --prune_layers chooses layers")
-    b.add_argument("--calibration_batch_size", type=int, default=8, help="samples per forward for statistics")
+    add_beyond_args(p)
     a("--num_examples", type=int, default=10, help="calibration samples (Taylor, statistics, depth)")
     a("--calibration_data", default="bookcorpus",
       help="calibration text: 'bookcorpus' (Hub), another dataset name, or a local .txt/.jsonl/.json file")
@@ -150,20 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pruning_ratio {args.pruning_ratio}: must be in [0, 1)")
     if args.num_examples < 1:
         p.error(f"--num_examples {args.num_examples}: must be >= 1")
-    if args.param_budget is not None and not 0.0 <= args.param_budget < 1.0:
-        p.error(f"--param_budget {args.param_budget}: must be in [0, 1)")
     if args.round_to < 1:
         p.error(f"--round_to {args.round_to}: must be >= 1")
-    if args.obs_damp <= 0:
-        p.error(f"--obs_damp {args.obs_damp}: must be > 0")
-    try:
-        check_selection(args.selection, args.compensation)
-    except ValueError as err:
-        p.error(str(err))
-    if args.obs_allocation != "uniform" and args.selection != "obs":
-        p.error(f"--obs_allocation {args.obs_allocation} needs --selection obs")
-    if args.obs_fisher and args.selection != "obs":
-        p.error("--obs_fisher needs --selection obs")
+    check_beyond_args(p, args)
     check_offload_args(p, args)
     check_inputs(args)
     return args
@@ -386,55 +330,6 @@ def sample_generations(model, tokenizer, args) -> list[dict[str, str]]:
 
 
 # --- larger than the machine: --offload (layer by layer) and --device_map (accelerate placement) -------------
-def add_offload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models larger than the device (docs/offload.md)")
-    g.add_argument("--offload", action="store_true",
-                   help="keep the weights on disk (the checkpoint's safetensors) and bring one decoder layer at a "
-                        "time to --device; the pruned model is written to the run folder shard by shard")
-    g.add_argument("--max_memory", default=None,
-                   help="device memory budget, e.g. 8GB: checked against one --offload stage; per GPU for "
-                        "--device_map auto")
-    g.add_argument("--device_map", default=None,
-                   help="in memory across devices (not with --offload): auto, balanced, sequential, a device, "
-                        "or a JSON module->device map (accelerate's big-model placement)")
-    g.add_argument("--offload_states_to_disk", action="store_true",
-                   help="with --offload: keep the boundary hidden states in temporary files instead of host memory")
-    g.add_argument("--offload_sequential", action="store_true",
-                   help="with --offload: compensate (and, for per-layer wanda/fluctuation, re-select) layer i on the "
-                        "outputs of the already pruned layers 0..i-1, build the one-shot candidate in the same pass "
-                        "and keep whichever has the lower calibration loss (about 1.3-1.5x the time)")
-
-
-def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from LLMPruner.stream.memory import parse_memory
-    if args.max_memory is not None:
-        try:
-            parse_memory(args.max_memory)
-        except ValueError as err:
-            p.error(str(err))
-    if args.device_map is not None:
-        try:
-            parse_device_map(args.device_map)
-        except ValueError as err:
-            p.error(str(err))
-    if not args.offload:
-        for flag in ("offload_states_to_disk", "offload_sequential"):
-            if getattr(args, flag):
-                p.error(f"--{flag} needs --offload")
-        if args.max_memory is not None and args.device_map is None:
-            p.error(f"--max_memory {args.max_memory} needs --offload or --device_map")
-        return
-    unsupported = {"--device_map": args.device_map is not None, "--layer_wise": args.layer_wise,
-                   "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,
-                   "--test_before_train": args.test_before_train,
-                   "--save_gguf (run export.py on the saved folder)": args.save_gguf,
-                   "--selection obs (in-memory sequential pass only)": args.selection != "score"}
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        p.error(f"--offload cannot be combined with {', '.join(bad)} (they need the whole model in memory); "
-                "drop them or prune without --offload")
-
-
 def main_offload(args: argparse.Namespace) -> int:
     """--offload: the run of ``main`` with the model never loaded whole; the checkpoint is always written."""
     set_seed(args.seed)

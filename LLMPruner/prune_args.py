@@ -1,0 +1,126 @@
+"""hf_prune.py's flags beyond the reference's (budgets, compensation, OBS, depth) and for models larger
+than the device (offload, placement), with their checks: each check names the flag, the bad value and
+what is allowed (``p.error``)."""
+from __future__ import annotations
+
+import argparse
+
+from .budget import BUDGET_CRITERIA
+from .compensate import COMPENSATIONS
+from .depth import LAYER_IMPORTANCES
+from .obs import DAMP, SELECTIONS, check_selection
+from .obs_allocation import ALLOCATIONS
+from .select import ROUNDINGS
+from .stream.placement import parse_device_map
+
+
+def add_beyond_args(p: argparse.ArgumentParser) -> None:
+    """Flags beyond the reference: budgets, compensation, OBS selection, query heads, depth."""
+    b = p.add_argument_group("beyond LLM-Pruner (retraining-free quality, depth)")
+    b.add_argument("--param_budget", type=float, default=None,
+                   help="remove this fraction of the non-embedding parameters, ranking standardised scores "
+                        "of heads and MLP channels globally (replaces --pruning_ratio; layer ranges apply "
+                        "only if given)")
+    b.add_argument("--compensation", default="none", choices=COMPENSATIONS,
+                   help="correct o_proj/down_proj for removed inputs: refit (least squares layer by layer on "
+                        "the pruned model's inputs, stock architecture, recommended; needs >= 2x the input "
+                        "width in calibration tokens), refit_oneshot (from dense statistics) or bias (FLAP)")
+    b.add_argument("--selection", default="score", choices=SELECTIONS,
+                   help="which units go: score (the lowest --pruner_type scores) or obs (structured Optimal "
+                        "Brain Surgeon on the pruned model's inputs, layer by layer, LLMPruner/obs.py; the "
+                        "scores then only set how many units each family loses; needs --compensation refit)")
+    b.add_argument("--obs_damp", type=float, default=DAMP,
+                   help="--selection obs: damping of X^T X, relative to its mean diagonal")
+    b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
+                   help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
+                        "where the OBS error relative to the layer's residual stream (residual) or to the "
+                        "consumer's output (output) is smallest, by the Fisher-weighted errors (fisher: "
+                        "estimated loss changes; LLMPruner/obs_allocation.py) or by the measured KL of "
+                        "pruning each layer alone (kl: LLMPruner/obs_measured.py); residual is the best "
+                        "measured on SmolLM2 at -12 %% and -20 %%")
+    b.add_argument("--obs_fisher", action="store_true",
+                   help="--selection obs: weight the output error by the loss gradient's outer products at "
+                        "the consumer's output (K-FAC, one backward pass; LLMPruner/obs_fisher.py)")
+    b.add_argument("--query_heads", action="store_true",
+                   help="also prune query heads inside each KV group (the same count per group); with "
+                        "--pruning_ratio they replace whole KV groups")
+    b.add_argument("--skip_attention", action="store_true",
+                   help="prune MLP channels only (no heads), the best measured structure on SmolLM2")
+    b.add_argument("--budget_criterion", default="uniform", choices=BUDGET_CRITERIA,
+                   help="--param_budget allocation: the same fraction of every family in the layer ranges "
+                        "(best measured), score per parameter removed, or per-family z-scores")
+    b.add_argument("--unit_rounding", default="reference", choices=ROUNDINGS,
+                   help="units removed per layer at --pruning_ratio: as the reference (floor, in the "
+                        "channels of k_proj / the MLP) or nearest")
+    b.add_argument("--ridge", type=float, default=None,
+                   help="ridge of the refit, relative to the mean Gram diagonal (default: refit chooses it per "
+                        "layer on held-out calibration tokens; refit_oneshot uses 1e-3)")
+    b.add_argument("--prune_layers", type=int, default=0, help="remove this many whole decoder layers first")
+    b.add_argument("--layer_importance", default="block_influence", choices=LAYER_IMPORTANCES,
+                   help="how --prune_layers chooses layers")
+    b.add_argument("--calibration_batch_size", type=int, default=8, help="samples per forward for statistics")
+
+
+def check_beyond_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad values and combinations of those flags (``p.error``: exit 2 with the message)."""
+    if args.param_budget is not None and not 0.0 <= args.param_budget < 1.0:
+        p.error(f"--param_budget {args.param_budget}: must be in [0, 1)")
+    if args.obs_damp <= 0:
+        p.error(f"--obs_damp {args.obs_damp}: must be > 0")
+    try:
+        check_selection(args.selection, args.compensation)
+    except ValueError as err:
+        p.error(str(err))
+    if args.obs_allocation != "uniform" and args.selection != "obs":
+        p.error(f"--obs_allocation {args.obs_allocation} needs --selection obs")
+    if args.obs_fisher and args.selection != "obs":
+        p.error("--obs_fisher needs --selection obs")
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models larger than the device (docs/offload.md)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the weights on disk (the checkpoint's safetensors) and bring one decoder layer at a "
+                        "time to --device; the pruned model is written to the run folder shard by shard")
+    g.add_argument("--max_memory", default=None,
+                   help="device memory budget, e.g. 8GB: checked against one --offload stage; per GPU for "
+                        "--device_map auto")
+    g.add_argument("--device_map", default=None,
+                   help="in memory across devices (not with --offload): auto, balanced, sequential, a device, "
+                        "or a JSON module->device map (accelerate's big-model placement)")
+    g.add_argument("--offload_states_to_disk", action="store_true",
+                   help="with --offload: keep the boundary hidden states in temporary files instead of host memory")
+    g.add_argument("--offload_sequential", action="store_true",
+                   help="with --offload: compensate (and, for per-layer wanda/fluctuation, re-select) layer i on the "
+                        "outputs of the already pruned layers 0..i-1, build the one-shot candidate in the same pass "
+                        "and keep whichever has the lower calibration loss (about 1.3-1.5x the time)")
+
+
+def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from LLMPruner.stream.memory import parse_memory
+    if args.max_memory is not None:
+        try:
+            parse_memory(args.max_memory)
+        except ValueError as err:
+            p.error(str(err))
+    if args.device_map is not None:
+        try:
+            parse_device_map(args.device_map)
+        except ValueError as err:
+            p.error(str(err))
+    if not args.offload:
+        for flag in ("offload_states_to_disk", "offload_sequential"):
+            if getattr(args, flag):
+                p.error(f"--{flag} needs --offload")
+        if args.max_memory is not None and args.device_map is None:
+            p.error(f"--max_memory {args.max_memory} needs --offload or --device_map")
+        return
+    unsupported = {"--device_map": args.device_map is not None, "--layer_wise": args.layer_wise,
+                   "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,
+                   "--test_before_train": args.test_before_train,
+                   "--save_gguf (run export.py on the saved folder)": args.save_gguf,
+                   "--selection obs (in-memory sequential pass only)": args.selection != "score"}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        p.error(f"--offload cannot be combined with {', '.join(bad)} (they need the whole model in memory); "
+                "drop them or prune without --offload")
