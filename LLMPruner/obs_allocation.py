@@ -6,6 +6,9 @@ removal. Errors of different layers are made comparable by dividing by a per-lay
 
 * ``residual``: the layer's output hidden states' ``sum ||h||^2`` on the same tokens (the next layers see
   the residual stream through RMSNorm, so what matters is the error relative to it);
+* ``normalized``: none (scale 1), but every token's error is divided by its own ``||h_t||^2 / d`` (the
+  layer's output hidden state's mean square): the error the next layer's RMSNorm passes on, so tokens
+  with huge residual norms (attention sinks) do not dominate (``normalized_grams``);
 * ``output``: the consumer's own output ``sum ||W x||^2`` (the relative reconstruction error);
 * ``fisher``: none (scale 1): the errors are Fisher-weighted (``obs_fisher.py``), estimates of the loss
   change, comparable as they are;
@@ -33,8 +36,45 @@ from .obs import DAMP, consumer_columns, obs_select
 
 logger = logging.getLogger(__name__)
 
-Allocation = Literal["uniform", "residual", "output", "fisher", "kl"]
-ALLOCATIONS = ("uniform", "residual", "output", "fisher", "kl")
+Allocation = Literal["uniform", "residual", "normalized", "output", "fisher", "kl"]
+ALLOCATIONS = ("uniform", "residual", "normalized", "output", "fisher", "kl")
+
+
+@torch.no_grad()
+def normalized_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Tensor,
+                     batch_size: int) -> dict[str, torch.Tensor]:
+    """``{consumer: sum_t x_t x_t^T / ms(h_t)}``, ``ms(h_t)`` the mean square of the consumer's layer's
+    output hidden state at token ``t`` (float64)."""
+    layers = get_adapter(model).decoder_layers(model)
+    owner = {name: next(i for i, layer in enumerate(layers) if any(m is mod for m in layer.modules()))
+             for name, mod in cons.items()}
+    seen: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        return lambda m, a: seen.__setitem__(name, a[0].detach())
+
+    def weigh(i):
+        def fn(module, args, y):
+            h = (y[0] if isinstance(y, tuple) else y).double()
+            w = h.pow(2).mean(-1).clamp_min(1e-12).rsqrt()               # [B, T]: 1 / rms(h_t)
+            for name, li in owner.items():
+                if li == i:
+                    x = seen.pop(name).double() * w[..., None]
+                    x = x.reshape(-1, x.shape[-1])
+                    grams[name] = grams.get(name, 0) + (x.T @ x).cpu()
+        return fn
+
+    handles = [mod.register_forward_pre_hook(grab(name)) for name, mod in cons.items()]
+    handles += [layers[i].register_forward_hook(weigh(i)) for i in set(owner.values())]
+    try:
+        device = next(model.parameters()).device
+        for s in range(0, len(examples), batch_size):
+            model(input_ids=examples[s:s + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
 
 
 @torch.no_grad()
@@ -106,18 +146,21 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
         logger.info("OBS allocation (kl): %s", counts)
         return {k: list(range(n)) for k, n in counts.items()}
     cons = consumers(model, families)
-    stats = collect_input_stats(model, cons, examples, batch_size, gram=True)
+    if how == "normalized":
+        grams = normalized_grams(model, cons, examples, batch_size)
+    else:
+        grams = {n: s.gram for n, s in collect_input_stats(model, cons, examples, batch_size, gram=True).items()}
     residual = _residual_scale(model, examples, batch_size) if how == "residual" else {}
     params = dict(model.named_parameters())
     curves, scale = {}, {}
     for fam in families:
         name = next(m.param for m in fam.members if m.dim == 1 and m.param in cons)
         w = params[name].detach().double().cpu()
-        g = stats[name].gram.cpu()
+        g = grams[name].cpu()
         n = min(fam.n_units - 1, int(max_fraction * fam.n_units))
         f = fisher.get(name) if fisher else None
         _, _, curves[fam.key] = obs_select(w, g, consumer_columns(fam, name), n, damp, fisher=f)
-        scale[fam.key] = (residual[fam.layer] if how == "residual" else 1.0 if how == "fisher"
+        scale[fam.key] = (residual[fam.layer] if how == "residual" else 1.0 if how in ("fisher", "normalized")
                           else float(((w @ g) * w).sum()))
     counts = allocate(curves, scale, total)
     logger.info("OBS allocation (%s): %s", how, {k: v for k, v in counts.items()})

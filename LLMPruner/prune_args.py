@@ -33,7 +33,8 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
                    help="--selection obs: damping of X^T X, relative to its mean diagonal")
     b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
                    help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
-                        "where the OBS error relative to the layer's residual stream (residual) or to the "
+                        "where the OBS error relative to the layer's residual stream (residual), per token to "
+                        "its RMS (normalized) or to the "
                         "consumer's output (output) is smallest, by the Fisher-weighted errors (fisher: "
                         "estimated loss changes; LLMPruner/obs_allocation.py) or by the measured KL of "
                         "pruning each layer alone (kl: LLMPruner/obs_measured.py); residual is the best "

@@ -66,7 +66,7 @@ def main() -> None:
         target = kw.pop("target", "118.6M")
         first, last = (int(v) for v in str(kw.pop("layers", "4-28")).split("-"))
         counts_file = kw.pop("counts", None)  # per-family counts for the sequential OBS pass (a JSON file)
-        import LLMPruner.prune as prune_module
+        prune_module = sys.modules["LLMPruner.prune"]  # (the package's ``prune`` attribute is the function)
         from LLMPruner.obs_allocation import obs_counts
         prune_module.obs_counts = obs_counts
         if counts_file:

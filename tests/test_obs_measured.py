@@ -84,9 +84,30 @@ def test_kl_allocation_sends_the_removals_to_the_layer_that_matters_least():
 def test_kl_allocation_prunes_to_the_exact_budget():
     base = tiny_model(seed=6)
     got = {}
-    for how in ("uniform", "kl"):
+    for how in ("uniform", "kl", "normalized"):
         model = copy.deepcopy(base)
         prune(model, pruner_type="l2", param_budget=0.2, attention_layers=range(0), mlp_layers=range(0, 3),
               compensation="refit", selection="obs", obs_allocation=how, examples=torch.randint(0, 64, (32, 32)))
         got[how] = count_parameters(model)
-    assert got["kl"] == got["uniform"] < count_parameters(base)
+    assert got["kl"] == got["normalized"] == got["uniform"] < count_parameters(base)
+
+
+def test_normalized_grams_weigh_each_token_by_its_layer_output_rms():
+    from LLMPruner.activations import consumers
+    from LLMPruner.obs_allocation import normalized_grams
+    model = tiny_model(seed=7)
+    fams = [f for f in discover(model).families if f.kind == "mlp"]
+    cons = consumers(model, fams)
+    grams = normalized_grams(model, cons, EX, batch_size=8)
+    layer = model.model.layers[1]
+    seen = {}
+    h1 = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    h2 = layer.register_forward_hook(lambda m, a, y: seen.__setitem__("h", y[0] if isinstance(y, tuple) else y))
+    with torch.no_grad():
+        model(EX, use_cache=False)
+    h1.remove()
+    h2.remove()
+    x, h = seen["x"].double().reshape(-1, 48), seen["h"].double().reshape(-1, 32)
+    w = 1.0 / h.pow(2).mean(-1)                                   # 1 / ms(h_t)
+    want = (x * w[:, None]).T @ x
+    torch.testing.assert_close(grams["model.layers.1.mlp.down_proj.weight"], want, rtol=1e-6, atol=1e-9)
