@@ -70,8 +70,9 @@ def _project_rows() -> None:
         ROWS[f"{label} obs MLP-only residual-allocated + refit"] = (dict(obs, obs_allocation="residual"), "c4")
         ROWS[f"{label} obs MLP-only residual-allocated (cap 80 %) + refit"] = (
             dict(obs, obs_allocation="residual", obs_max_fraction=0.8), "c4")
-        ROWS[f"{label} obs MLP-only residual-allocated (cap 40 %) + refit"] = (
-            dict(obs, obs_allocation="residual", obs_max_fraction=0.4), "c4")
+        for cap in (40, 50, 70):
+            ROWS[f"{label} obs MLP-only residual-allocated (cap {cap} %) + refit"] = (
+                dict(obs, obs_allocation="residual", obs_max_fraction=cap / 100), "c4")
 
 
 _project_rows()
