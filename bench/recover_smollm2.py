@@ -129,8 +129,8 @@ def throughput(pruned: Path, work: Path, args) -> dict:
     rounds: list[dict[str, float]] = []
     for _ in range(args.repeat):
         rounds.append({})
-        for name, _ in parse_runs(args.runs):
-            row = recover(name, pruned, args.smollm2, work / ("tp_" + name.replace(" + ", "_")), args)
+        for name, settings in parse_runs(args.runs):
+            row = recover(name, pruned, args.smollm2, work / ("tp_" + name.replace(" + ", "_")), args, settings)
             print(json.dumps(row), flush=True)
             per_run.setdefault(name, []).append(row["tokens_per_s"])
             rounds[-1][name] = row["tokens_per_s"]
