@@ -41,6 +41,18 @@ ALLOCATIONS = ("uniform", "residual", "normalized", "output", "fisher", "kl")
 
 
 @torch.no_grad()
+def _forward_all(model: nn.Module, examples: torch.Tensor, batch_size: int, handles: list) -> None:
+    """Run ``examples`` through ``model`` batch by batch (for the hooks' sake), then remove ``handles``."""
+    try:
+        device = next(model.parameters()).device
+        for s in range(0, len(examples), batch_size):
+            model(input_ids=examples[s:s + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def normalized_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Tensor,
                      batch_size: int) -> dict[str, torch.Tensor]:
     """``{consumer: sum_t x_t x_t^T / ms(h_t)}``, ``ms(h_t)`` the mean square of the consumer's layer's
@@ -67,13 +79,7 @@ def normalized_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: tor
 
     handles = [mod.register_forward_pre_hook(grab(name)) for name, mod in cons.items()]
     handles += [layers[i].register_forward_hook(weigh(i)) for i in set(owner.values())]
-    try:
-        device = next(model.parameters()).device
-        for s in range(0, len(examples), batch_size):
-            model(input_ids=examples[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_all(model, examples, batch_size, handles)
     return grams
 
 
@@ -89,13 +95,7 @@ def _residual_scale(model: nn.Module, examples: torch.Tensor, batch_size: int) -
         return fn
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        device = next(model.parameters()).device
-        for s in range(0, len(examples), batch_size):
-            model(input_ids=examples[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_all(model, examples, batch_size, handles)
     return out
 
 
