@@ -49,11 +49,16 @@ def check_selection(selection: str, compensation: str | None) -> None:
                          "sequential layer-by-layer pass, which is --compensation refit; add it")
 
 
-def damped_inverse(gram: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, float]:
-    """``(H^-1, lam)`` for ``H = gram + lam I``, ``lam = damp * mean diag(gram)``, in float64."""
+def damped(gram: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, float]:
+    """``(H, lam)``: ``H = gram + lam I``, ``lam = damp * mean diag(gram)``, in float64."""
     g = gram.double()
     lam = float(damp * g.diagonal().mean().clamp_min(1e-12)) if damp > 0 else 0.0
-    h = g + lam * torch.eye(g.shape[0], dtype=torch.float64)
+    return g + lam * torch.eye(g.shape[0], dtype=torch.float64), lam
+
+
+def damped_inverse(gram: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, float]:
+    """``(H^-1, lam)`` for ``H = gram + lam I``, ``lam = damp * mean diag(gram)``, in float64."""
+    h, lam = damped(gram, damp)
     return torch.cholesky_inverse(torch.linalg.cholesky(h)), lam
 
 

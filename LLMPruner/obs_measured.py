@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .activations import collect_input_stats, consumers
 from .adapters import get_adapter
 from .graph import Family
-from .obs import DAMP, consumer_columns, obs_select
+from .obs import DAMP, consumer_columns, damped, obs_select
 from .stream.states import Feed, capture, swapped
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,8 @@ def refit_kept(w: torch.Tensor, gram: torch.Tensor, removed_cols: torch.Tensor, 
     """``w`` (``[out, in]``) with ``removed_cols`` zeroed and the other columns ``K`` set to the damped
     least squares ``W H[:, K] H_KK^-1`` (``H = gram + lam I``): what greedy OBS leaves after removing them."""
     w = w.detach().double()
-    g = gram.double()
-    lam = float(damp * g.diagonal().mean().clamp_min(1e-12)) if damp > 0 else 0.0
-    h = g + lam * torch.eye(g.shape[0], dtype=torch.float64)
-    keep = torch.ones(g.shape[0], dtype=torch.bool)
+    h, _ = damped(gram, damp)
+    keep = torch.ones(h.shape[0], dtype=torch.bool)
     keep[removed_cols] = False
     out = torch.zeros_like(w)
     hk = h[keep][:, keep]
