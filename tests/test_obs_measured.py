@@ -81,14 +81,20 @@ def test_kl_allocation_sends_the_removals_to_the_layer_that_matters_least():
         assert torch.equal(a, b)
 
 
-def test_kl_allocation_prunes_to_the_exact_budget():
+def test_kl_and_normalized_allocations_prune_to_the_exact_budget_and_reload(tmp_path):
+    from LLMPruner.checkpoint import load_pruned, save_pruned
     base = tiny_model(seed=6)
+    ids = torch.randint(0, 64, (32, 32), generator=torch.Generator().manual_seed(4))
     got = {}
     for how in ("uniform", "kl", "normalized"):
         model = copy.deepcopy(base)
         prune(model, pruner_type="l2", param_budget=0.2, attention_layers=range(0), mlp_layers=range(0, 3),
-              compensation="refit", selection="obs", obs_allocation=how, examples=torch.randint(0, 64, (32, 32)))
+              compensation="refit", selection="obs", obs_allocation=how, examples=ids)
         got[how] = count_parameters(model)
+        save_pruned(model, None, tmp_path / how)
+        again, _ = load_pruned(tmp_path / how)
+        with torch.no_grad():
+            torch.testing.assert_close(again.eval()(EX).logits, model.eval()(EX).logits, atol=1e-5, rtol=0)
     assert got["kl"] == got["normalized"] == got["uniform"] < count_parameters(base)
 
 
