@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .activations import activation_channel_scores, collect_input_stats, consumers
 from .adapters import get_adapter
-from .budget import BudgetCriterion, added_bias_parameters, choose_by_budget, non_embedding_parameters
+from .budget import BudgetCriterion, choose_by_budget, non_embedding_parameters
 from .compensate import Compensation, add_biases, compensate
 from .depth import LayerImportance, choose_layers
 from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
