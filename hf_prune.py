@@ -208,7 +208,8 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
                    query_heads=args.query_heads, budget_criterion=args.budget_criterion,
                    unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
-                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher, **ranges)
+                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher,
+                   reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr, **ranges)
     if args.device_map:
         unplace_model(model, args.device)
     after = count_parameters(model)

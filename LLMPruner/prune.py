@@ -32,6 +32,7 @@ from .obs import DAMP, Selection, check_selection, obs_reselect
 from .obs_allocation import Allocation, obs_counts
 from .obs_fisher import output_fisher
 from .plan import PruningPlan
+from .reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
 from .select import Rounding, channels_per_unit, choose, make_plan
 from .sequential import sequential_prune
 from .shrink import apply_plan
@@ -70,10 +71,13 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           refit_target: Literal["dense", "pruned", "residual"] = "pruned", selection: Selection = "score",
           obs_damp: float = DAMP, obs_prior_weight: float = 0.0,
           obs_allocation: Allocation = "uniform", obs_fisher: bool = False,
-          obs_max_fraction: float | None = None) -> PruneResult:
+          obs_max_fraction: float | None = None, reconstruct_steps: int = 0,
+          reconstruct_lr: float = RECONSTRUCT_LR) -> PruneResult:
     """Prune ``model`` in place and return the plans applied (replayable with ``apply_plan``).
     ``selection="obs"`` (with ``compensation="refit"``): the scores set how many units each family loses,
-    structured OBS on the pruned model's inputs chooses which (``obs.py``)."""
+    structured OBS on the pruned model's inputs chooses which (``obs.py``). ``reconstruct_steps`` (with
+    ``compensation="refit"``): Adam steps on each pruned layer's MLP toward the dense MLP on the pruned
+    inputs, after the refit (``reconstruct.py``; gradient steps, so reported apart from closed-form)."""
     adapter = get_adapter(model)
     n_layers = len(adapter.decoder_layers(model))
     result = PruneResult()
@@ -88,6 +92,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         return result
     _check(pruning_ratio, iterative_steps, pruner_type, param_budget, examples, compensation)
     check_selection(selection, compensation)
+    check_reconstruction(reconstruct_steps, reconstruct_lr, compensation)
     start_params = non_embedding_parameters(model)
     if mode not in ("block_wise", "channel_wise"):
         raise ValueError(f"mode {mode!r}: choose block_wise, channel_wise or layer_wise")
@@ -129,7 +134,8 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
                                      calibration_batch_size, max_fraction=obs_max_fraction, fisher=fisher)
             removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                        batch_size=calibration_batch_size, reselect=reselect,
-                                       grouping=grouping_strategy, target=refit_target)
+                                       grouping=grouping_strategy, target=refit_target,
+                                       reconstruct=Reconstruction(reconstruct_steps, reconstruct_lr, seed=seed))
             plan = make_plan(model, [], removed)  # already applied layer by layer: record the units
             logger.info("step %d/%d (ratio %.3f), sequential refit:\n%s", step, iterative_steps, ratio,
                         plan.describe())

@@ -35,6 +35,7 @@ from .compensate import CrossStats, refit_layer
 from .estimate import unit_scores
 from .graph import Family
 from .plan import PruningPlan
+from .reconstruct import Reconstruction, reconstruct_layer, streams_runner
 from .select import make_plan
 from .shrink import apply_plan
 
@@ -140,7 +141,7 @@ def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.M
 def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                      examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
                      reselect: str | Reselect | None = None, grouping: str = "sum",
-                     target: str = "pruned") -> dict[str, list[int]]:
+                     target: str = "pruned", reconstruct: Reconstruction | None = None) -> dict[str, list[int]]:
     """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the
     units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
     in each family from the pruned model's own input statistics; a callable ``reselect(model, group,
@@ -149,7 +150,9 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
     ``target="pruned"`` (default, better measured on stories260K: 8.74 vs 9.28 PPL at a 20 % budget) fits
     ``V x~_K`` to ``W x~`` (SparseGPT's layer-wise objective); ``"dense"`` to the dense model's ``W x``
     (tries to correct upstream error too); ``"residual"`` (the layer's last consumer, e.g. ``down_proj``)
-    to ``W x~`` plus the residual stream's error so far (``cross_stats``)."""
+    to ``W x~`` plus the residual stream's error so far (``cross_stats``). ``reconstruct`` (steps > 0) then
+    takes gradient steps on each pruned layer's MLP toward the dense MLP on the same inputs
+    (``reconstruct.py``)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
@@ -175,6 +178,9 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
                                           prefix + f"{li}.", ridge=ridge, reselect=reselect, grouping=grouping,
                                           target=target)
             final.update(plan.removed_units)
+            if reconstruct is not None and reconstruct.steps:
+                _reconstruct(model, adapter, layer, dense_layer, fams, removed, prefix + f"{li}.", forward,
+                             pruned_h, reconstruct)
         with torch.no_grad():
             new_dense = [forward(dense_layer, b, h) for b, h in enumerate(dense_h)]
             pruned_h = [forward(layer, b, h) for b, h in enumerate(pruned_h)] if diverged else new_dense
@@ -196,6 +202,15 @@ def calibration_loss(model: nn.Module, examples: torch.Tensor, batch_size: int =
         ids = examples[s:s + batch_size].to(device)
         total += model(input_ids=ids, labels=ids, use_cache=False).loss.item() * len(ids)
     return total / len(examples)
+
+
+def _reconstruct(model, adapter, layer, dense_layer, fams, removed, layer_prefix, forward, pruned_h,
+                 how: Reconstruction) -> None:
+    """Reconstruct the layer's MLP if its channels lost units (``reconstruct.py``)."""
+    for consumer, group in _by_consumer(model, fams, layer_prefix):
+        if adapter.kind_of(consumer) == "mlp" and any(removed.get(f.key) for f in group):
+            rel = consumer[len(layer_prefix):].rpartition(".")[0]
+            reconstruct_layer(layer, dense_layer, rel, streams_runner(forward, pruned_h), how, layer_prefix)
 
 
 def _is_last(layer: nn.Module, rel: str) -> bool:

@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument("--ptb", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    for name in ("LLMPruner.obs_allocation", "LLMPruner.obs_measured", "LLMPruner.sequential"):
+    for name in ("LLMPruner.obs_allocation", "LLMPruner.obs_measured", "LLMPruner.sequential",
+                 "LLMPruner.reconstruct"):
         logging.getLogger(name).setLevel(logging.INFO)
     from LLMPruner.checkpoint import load_model
     from LLMPruner.data.calibration import calibration_examples
