@@ -9,7 +9,8 @@ ids of ``../shared/data/smollm2_protocol.json``: the paper rows calibrate on its
 the project's rows on 128 x 128 tokens of ``../shared/data/c4/c4_demo.jsonl`` (seeded windows). The
 ``obs`` rows: ``--selection obs`` (structured OBS in the sequential pass, ``LLMPruner/obs.py``), the l2
 scores only giving the uniform per-layer counts that ``residual`` allocation may redistribute
-(``LLMPruner/obs_allocation.py``). PPL =
+(``LLMPruner/obs_allocation.py``); ``+ reconstruct N``: N Adam steps on each pruned layer's MLP toward the
+dense MLP on the pruned inputs (``LLMPruner/reconstruct.py``; gradient steps, not closed form). PPL =
 exp(mean next-token CE over the ``--windows`` first 128-token windows of WikiText-2 / PTB, batches of 4).
 Each row runs in a fresh process (peak RSS is that process's), pruning timed alone.
 """
@@ -70,6 +71,9 @@ def _project_rows() -> None:
         ROWS[f"{label} obs MLP-only residual-allocated + refit"] = (dict(obs, obs_allocation="residual"), "c4")
         ROWS[f"{label} obs MLP-only residual-allocated (cap 80 %) + refit"] = (
             dict(obs, obs_allocation="residual", obs_max_fraction=0.8), "c4")
+        if label != "95.6M":  # + local MLP reconstruction by gradient steps (not closed form: reported apart)
+            ROWS[f"{label} obs MLP-only residual-allocated + refit + reconstruct 200"] = (
+                dict(obs, obs_allocation="residual", reconstruct_steps=200), "c4")
         for cap in (40, 50, 70):
             ROWS[f"{label} obs MLP-only residual-allocated (cap {cap} %) + refit"] = (
                 dict(obs, obs_allocation="residual", obs_max_fraction=cap / 100), "c4")
