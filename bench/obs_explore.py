@@ -5,7 +5,10 @@
 A VARIANT is ``name:key=value,key=value`` of ``prune()`` keyword arguments on top of the 118.6M
 MLP-only uniform setting (layers 4..27, 128 x 128 C4 tokens), e.g. ``obs:selection=obs,pruner_type=l2``;
 ``target=95.6M`` / ``107.6M`` changes the parameter count; ``counts=FILE`` (a JSON ``{family: count}``, or
-bench/alloc_search.py's output) gives the sequential OBS pass its per-layer counts.
+bench/alloc_search.py's output) gives the sequential OBS pass its per-layer counts. The variant ``dense``
+prunes nothing. ``--heldout`` adds two splits no setting was chosen on: 128 windows of 128 tokens from the C4
+documents outside the calibration windows (``c4_heldout``) and the first 128 of PTB's validation text
+(``ptb_valid``), for choosing a setting without looking at the reported WikiText-2 / PTB test windows.
 """
 from __future__ import annotations
 
@@ -23,6 +26,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2 import C4, PROTOCOL, TARGETS, _budget, _ppl  # noqa: E402
+
+PTB_VALID = PROTOCOL.parent / "ptb" / "ptb.valid.txt"
+
+
+def heldout_sets(tok, n: int = 128, seq: int = 128) -> dict[str, torch.Tensor]:
+    """``c4_heldout`` (C4 documents the 128 x 128 calibration windows did not come from) and ``ptb_valid``."""
+    from LLMPruner.data.calibration import calibration_windows, heldout_windows, load_calibration_text
+    docs = load_calibration_text(str(C4))
+    _, used = calibration_windows(docs, tok, 128, 128, seed=0)
+    ids = tok(PTB_VALID.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    ptb = ids[:ids.numel() // seq * seq].reshape(-1, seq)[:n]
+    return {"c4_heldout": heldout_windows(docs, tok, used, n, seq), "ptb_valid": ptb}
 
 
 def parse(spec: str) -> tuple[str, dict]:
@@ -48,6 +63,7 @@ def main() -> None:
     p.add_argument("--model", default="/tmp/smollm2_fp32")
     p.add_argument("--out", default="/tmp/obs_explore.jsonl")
     p.add_argument("--ptb", action="store_true")
+    p.add_argument("--heldout", action="store_true", help="also C4 held-out and PTB valid perplexity")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for name in ("LLMPruner.obs_allocation", "LLMPruner.obs_measured", "LLMPruner.sequential",
@@ -60,6 +76,7 @@ def main() -> None:
     proto = json.loads(PROTOCOL.read_text())
     base, tok = load_model(args.model, device="cpu", dtype=torch.float32)
     base.eval()
+    held = heldout_sets(tok) if args.heldout else {}
     for spec in args.variants:
         name, kw = parse(spec)
         n_ex = kw.pop("num_examples", 128)
@@ -80,7 +97,8 @@ def main() -> None:
                     mlp_layers=range(first, last), compensation="refit")
         full.update(kw)
         t0 = time.perf_counter()
-        prune(model, examples=examples, seed=42, **full)
+        if name != "dense":
+            prune(model, examples=examples, seed=42, **full)
         secs = time.perf_counter() - t0
         model.eval()
         row = {"name": name, "spec": spec, "target": target, "params": count_parameters(model),
@@ -89,6 +107,8 @@ def main() -> None:
                "windows": args.windows}
         if args.ptb:
             row["ptb"] = round(_ppl(model, torch.tensor(proto["ptb"][:args.windows])), 2)
+        for key, ids in held.items():
+            row[key] = round(_ppl(model, ids), 2)
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
