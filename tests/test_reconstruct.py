@@ -57,6 +57,43 @@ def test_a_reconstruction_that_does_not_help_keeps_the_weights():
         assert torch.equal(v, saved[k]), k
 
 
+def test_steps_stop_at_the_first_check_that_is_not_better():
+    dense, pruned, x = _mlps(seed=1)
+    calls = []
+    pruned.register_forward_hook(lambda m, a, y: calls.append(1))  # deep-copied with the module: counts its fit
+    report = reconstruct_mlp(pruned, dense, x, Reconstruction(steps=20, lr=50.0, checks=4))  # diverges
+    assert "at step 5 of 20): kept the refit" in report
+    assert len(calls) == 1 + 5 + 1  # the error before, five steps, the first check (1,000 held-out tokens)
+
+
+@pytest.mark.parametrize("errors, kept", [([1.0, 0.9, 0.8, 0.85, 0.95], False),  # up, but below the refit
+                                          ([1.0, 0.9, 1.1], True)])               # above it at the 2nd look
+def test_the_steps_are_given_up_only_above_the_refits_error(monkeypatch, errors, kept):
+    import LLMPruner.reconstruct as R
+    dense, pruned, x = _mlps(seed=3)
+    saved = copy.deepcopy(pruned.state_dict())
+    scripted, looks = iter(errors), []
+    monkeypatch.setattr(R, "_error", lambda mlp, xc, yc: looks.append(1) or next(scripted))
+    report = reconstruct_mlp(pruned, dense, x, Reconstruction(steps=200, lr=1e-2, checks=4))
+    assert len(looks) == len(errors), report
+    if kept:
+        assert "at step 100 of 200): kept the refit" in report
+        assert all(torch.equal(v, saved[k]) for k, v in pruned.state_dict().items())
+    else:
+        assert "(200 steps) lowers the held-out error 1 -> 0.95 (5.0 %)" in report, report
+        assert not torch.equal(pruned.down_proj.weight, saved["down_proj.weight"])
+
+
+def test_checks_change_nothing_while_the_error_keeps_falling():
+    dense, pruned, x = _mlps()
+    one, four = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    reconstruct_mlp(one, dense, x, Reconstruction(steps=300, lr=1e-2, checks=1))
+    report = reconstruct_mlp(four, dense, x, Reconstruction(steps=300, lr=1e-2, checks=4))
+    assert "(300 steps) lowers" in report, report
+    for p, q in zip(one.parameters(), four.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_nothing_removed_means_nothing_to_fit():
     dense, _, x = _mlps(seed=2, kept=24)
     pruned = copy.deepcopy(dense)
