@@ -110,7 +110,8 @@ def reconstruct_mlp(mlp: nn.Module, dense_mlp: nn.Module, x: torch.Tensor, how: 
                        for i in range(0, len(x), 4096)])
     xf, yf, xc, yc = x[0::2], y[0::2], x[1::2], y[1::2]
     before = _error(work, xc, yc)
-    at = {max(1, how.steps * k // max(1, how.checks)) for k in range(1, max(1, how.checks) + 1)}  # ends at steps
+    looks = max(1, how.checks)
+    at = {max(1, how.steps * k // looks) for k in range(1, looks + 1)}  # the last look is at the last step
     last, step = before, 0
     opt = torch.optim.Adam(work.parameters(), lr=how.lr)
     g = torch.Generator().manual_seed(how.seed)
