@@ -1,10 +1,12 @@
 """Exploration of structured-OBS selection on SmolLM2 (few windows): one process, model loaded once.
 
-    python bench/obs_explore.py --windows 40 --out /tmp/obs_explore.jsonl VARIANT [VARIANT ...]
+    python bench/obs_explore.py --windows 40 --out /tmp/obs_explore.jsonl [--save DIR] VARIANT [VARIANT ...]
 
 A VARIANT is ``name:key=value,key=value`` of ``prune()`` keyword arguments on top of the 118.6M
 MLP-only uniform setting (layers 4..27, 128 x 128 C4 tokens), e.g. ``obs:selection=obs,pruner_type=l2``;
-``target=95.6M`` / ``107.6M`` changes the parameter count; ``counts=FILE`` (a JSON ``{family: count}``, or
+``target=95.6M`` / ``107.6M`` changes the parameter count; ``drop=L`` removes decoder layer L first and
+prunes the MLPs to the same total parameter count; ``ridges=1e-6/1e-5/...`` replaces the refit's ridge
+grid (``compensate.RIDGES``); ``counts=FILE`` (a JSON ``{family: count}``, or
 bench/alloc_search.py's output) gives the sequential OBS pass its per-layer counts. The variant ``dense``
 prunes nothing. ``--heldout`` adds two splits no setting was chosen on: 128 windows of 128 tokens from the C4
 documents outside the calibration windows (``c4_heldout``) and the first 128 of PTB's validation text
@@ -55,6 +57,52 @@ def parse(spec: str) -> tuple[str, dict]:
     return name, kw
 
 
+def prune_variant(base, tok, spec: str):
+    """A pruned copy of ``base`` for one VARIANT: (name, model, prune seconds, target label)."""
+    from LLMPruner import compensate
+    from LLMPruner.budget import non_embedding_parameters
+    from LLMPruner.data.calibration import calibration_examples
+    from LLMPruner.obs_allocation import obs_counts
+    from LLMPruner.plan import PruningPlan
+    from LLMPruner.prune import prune
+    from LLMPruner.shrink import apply_plan, count_parameters
+    name, kw = parse(spec)
+    n_ex = kw.pop("num_examples", 128)
+    seq = kw.pop("seq_len", 128)
+    target = kw.pop("target", "118.6M")
+    first, last = (int(v) for v in str(kw.pop("layers", "4-28")).split("-"))
+    counts_file = kw.pop("counts", None)  # per-family counts for the sequential OBS pass (a JSON file)
+    drop = kw.pop("drop", None)           # a decoder layer removed first (its parameters count in the budget)
+    ridges = kw.pop("ridges", None)       # the refit's ridge grid, e.g. 1e-6/1e-5/1e-4/1e-3/1e-2/1e-1/1
+    prune_module = sys.modules["LLMPruner.prune"]  # (the package's ``prune`` attribute is the function)
+    prune_module.obs_counts = obs_counts
+    if counts_file:
+        given = json.loads(Path(counts_file).read_text())
+        given = given.get("counts", given)
+        prune_module.obs_counts = lambda *a, **k: {key: list(range(n)) for key, n in given.items()}
+    examples = calibration_examples(str(C4), tok, n_ex, seq, seed=0)
+    model = copy.deepcopy(base)
+    budget = _budget(TARGETS[target])
+    if drop is not None:
+        n = len(model.model.layers)
+        apply_plan(model, PruningPlan(keep_layers=[i for i in range(n) if i != drop]))
+        last -= int(first <= drop < last)
+        budget = (count_parameters(model) - TARGETS[target] + 0.5) / non_embedding_parameters(model)
+    full = dict(pruner_type="taylor", param_budget=budget, attention_layers=range(0),
+                mlp_layers=range(first, last), compensation="refit")
+    full.update(kw)
+    grid = compensate.RIDGES
+    if ridges is not None:
+        compensate.RIDGES = tuple(float(r) for r in str(ridges).split("/"))
+    t0 = time.perf_counter()
+    try:
+        if name != "dense":
+            prune(model, examples=examples, seed=42, **full)
+    finally:
+        compensate.RIDGES = grid
+    return name, model.eval(), time.perf_counter() - t0, target
+
+
 def main() -> None:
     torch.set_num_threads(1)
     p = argparse.ArgumentParser()
@@ -64,43 +112,20 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/obs_explore.jsonl")
     p.add_argument("--ptb", action="store_true")
     p.add_argument("--heldout", action="store_true", help="also C4 held-out and PTB valid perplexity")
+    p.add_argument("--save", default=None, help="save each pruned model to SAVE/<variant name>")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for name in ("LLMPruner.obs_allocation", "LLMPruner.obs_measured", "LLMPruner.sequential",
                  "LLMPruner.reconstruct"):
         logging.getLogger(name).setLevel(logging.INFO)
-    from LLMPruner.checkpoint import load_model
-    from LLMPruner.data.calibration import calibration_examples
-    from LLMPruner.prune import prune
+    from LLMPruner.checkpoint import load_model, save_pruned
     from LLMPruner.shrink import count_parameters
     proto = json.loads(PROTOCOL.read_text())
     base, tok = load_model(args.model, device="cpu", dtype=torch.float32)
     base.eval()
     held = heldout_sets(tok) if args.heldout else {}
     for spec in args.variants:
-        name, kw = parse(spec)
-        n_ex = kw.pop("num_examples", 128)
-        seq = kw.pop("seq_len", 128)
-        target = kw.pop("target", "118.6M")
-        first, last = (int(v) for v in str(kw.pop("layers", "4-28")).split("-"))
-        counts_file = kw.pop("counts", None)  # per-family counts for the sequential OBS pass (a JSON file)
-        prune_module = sys.modules["LLMPruner.prune"]  # (the package's ``prune`` attribute is the function)
-        from LLMPruner.obs_allocation import obs_counts
-        prune_module.obs_counts = obs_counts
-        if counts_file:
-            given = json.loads(Path(counts_file).read_text())
-            given = given.get("counts", given)
-            prune_module.obs_counts = lambda *a, **k: {key: list(range(n)) for key, n in given.items()}
-        examples = calibration_examples(str(C4), tok, n_ex, seq, seed=0)
-        model = copy.deepcopy(base)
-        full = dict(pruner_type="taylor", param_budget=_budget(TARGETS[target]), attention_layers=range(0),
-                    mlp_layers=range(first, last), compensation="refit")
-        full.update(kw)
-        t0 = time.perf_counter()
-        if name != "dense":
-            prune(model, examples=examples, seed=42, **full)
-        secs = time.perf_counter() - t0
-        model.eval()
+        name, model, secs, target = prune_variant(base, tok, spec)
         row = {"name": name, "spec": spec, "target": target, "params": count_parameters(model),
                "prune s": round(secs, 1), "rss MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "wikitext2": round(_ppl(model, torch.tensor(proto["wikitext2"][:args.windows])), 2),
@@ -112,6 +137,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if args.save:
+            save_pruned(model, tok, Path(args.save) / name)
         del model
 
 
