@@ -77,9 +77,6 @@ def check_beyond_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         p.error(f"--obs_damp {args.obs_damp}: must be > 0")
     try:
         check_selection(args.selection, args.compensation)
-    except ValueError as err:
-        p.error(str(err))
-    try:
         check_reconstruction(args.reconstruct_steps, args.reconstruct_lr, args.compensation)
     except ValueError as err:
         p.error(str(err))
