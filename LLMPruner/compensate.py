@@ -7,9 +7,10 @@ For a linear layer ``y = W x`` whose input channels ``R`` are removed and ``K`` 
   biases elsewhere) so the checkpoint still loads with stock classes, but it is no longer the original
   bias-free architecture.
 * ``refit`` (sequential least squares, ``sequential.py``): layer by layer, on the inputs ``x~`` the
-  *pruned* model produces: ``V = W D[:, K] (G~_KK + lam I)^-1`` with ``G~ = sum x~ x~^T`` and
-  ``D = sum x x~^T``, minimising ``sum_t ||W x_t - V x~_t,K||^2`` (``x = x~`` by default, SparseGPT's
-  objective; the dense model's ``x`` as an option); kept only where
+  *pruned* model produces: ``V = (W D[:, K] + lam W_K) (G~_KK + lam I)^-1`` with ``G~ = sum x~ x~^T`` and
+  ``D = sum x x~^T``, minimising ``sum_t ||W x_t - V x~_t,K||^2 + lam ||V - W_K||^2`` (``x = x~`` by
+  default, SparseGPT's objective; the dense model's ``x`` as an option): the ridge pulls the kept columns
+  toward their dense values, as the damped OBS update does (``obs.py``); kept only where
   it lowers that calibration error below plain slicing's (``refit_layer``). No new tensors: the
   architecture stays stock. Needs more calibration tokens than the widest refitted input (refused
   otherwise). **Recommended.**
@@ -140,11 +141,18 @@ RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def solve_refit(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: float) -> torch.Tensor:
-    """``V = W D[:, K] (G~_KK + lam I)^-1``, ``lam = ridge * mean diag(G~_KK)``: ``[out, K]``."""
+    """``V = (W D[:, K] + lam W_K) (G~_KK + lam I)^-1``, ``lam = ridge * mean diag(G~_KK)``: ``[out, K]``.
+
+    The ridge shrinks ``V`` toward the kept columns ``W_K`` (plain slicing, its limit for a large ridge),
+    not toward zero: with the Gram's own damping this is the damped OBS update (``obs.py``). Toward zero,
+    a Gram whose mean diagonal one massive channel sets (SmolLM2's layer 11 writes the attention sink's
+    activation, 23,000 vs ~30 elsewhere) shrank every other column so far that even the smallest ridge
+    lost to slicing on held-out tokens; toward ``W_K`` the refit wins there, and the SmolLM2 perplexities
+    improve (docs/smollm2.md §6)."""
     g_kk = stats.gram[kept][:, kept]
     lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
     a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype)
-    return torch.linalg.solve(a, _target_cross(w, stats, kept).T).T
+    return torch.linalg.solve(a, (_target_cross(w, stats, kept) + lam * w[:, kept]).T).T
 
 
 def refit_layer(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: float | None = None,
