@@ -14,7 +14,7 @@ The layer-streamed pass (``stream/apply.py``) runs the same per-layer step and, 
 ``--offload_sequential``, also the one-shot candidate, keeping the lower calibration loss (``log_choice``).
 ``--compensation refit`` itself is not guarded that way: the calibration loss is the fitted data, and on
 stories260K (wanda, 35 % budget, 128 x 128 tokens) such a guard keeps the one-shot model whose held-out
-perplexity is worse (17.63 vs 16.90).
+perplexity is worse (17.63 vs 16.89).
 
 Library entry point: ``sequential_prune``. The per-layer step (``refit_sequential_layer``, ``Forward``)
 takes streams of batches and a layer call, so the layer-streamed pass (``stream/apply.py``) runs the
