@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import resource
@@ -142,7 +143,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="append each row's result to this JSON-lines file")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
+    if args.one:  # a child: the library's per-layer INFO reports go to stderr, which the parent passes on
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
         print("RESULT " + json.dumps(run_one(args.one, args.smollm2, args.windows)), flush=True)
         return
     if not PROTOCOL.exists() or (args.smollm2 is None and not GGUF.exists()):
@@ -157,10 +159,10 @@ def main() -> None:
         for name in names:
             env = dict(os.environ, OMP_NUM_THREADS="1")
             proc = subprocess.run([sys.executable, __file__, "--one", name, "--smollm2", folder,
-                                   "--windows", str(args.windows)], capture_output=True, text=True, env=env)
+                                   "--windows", str(args.windows)], stdout=subprocess.PIPE, text=True, env=env)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
-                print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                print(f"{name}: failed (exit status {proc.returncode}; its log is above)", file=sys.stderr)
                 continue
             row = json.loads(line[0][7:])
             row["removed"] = f"{100 * (1 - row['params'] / DENSE):.2f} %"
