@@ -149,6 +149,9 @@ def main() -> None:
         return
     if not PROTOCOL.exists() or (args.smollm2 is None and not GGUF.exists()):
         sys.exit(f"this benchmark needs {PROTOCOL} and {GGUF} (../shared), which are absent")
+    if args.smollm2 is not None and not (Path(args.smollm2) / "config.json").is_file():
+        sys.exit(f"--smollm2 {args.smollm2!r}: not a model folder (no config.json); give an fp32 SmolLM2 "
+                 f"safetensors folder, or leave the flag out to dequantise the GGUF")
     names = [n for n in args.rows.split(",") if n] or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
