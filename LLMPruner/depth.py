@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -92,23 +94,29 @@ def choose_layers(model: nn.Module, n_remove: int, examples: torch.Tensor,
 
 
 def _greedy_by_loss(model: nn.Module, n_remove: int, examples: torch.Tensor) -> list[int]:
-    layers_attr = get_adapter(model).decoder_layers(model)
-    original = list(layers_attr)
-    keep = list(range(len(original)))
-    container = _container(model, layers_attr)
-    try:
-        for _ in tqdm(range(n_remove), desc="depth (loss without each layer)", leave=False):
-            trial = {}
-            for i in keep:
-                rest = [j for j in keep if j != i]
-                setattr(container[0], container[1], nn.ModuleList([original[j] for j in rest]))
+    keep = list(range(len(get_adapter(model).decoder_layers(model))))
+    for _ in tqdm(range(n_remove), desc="depth (loss without each layer)", leave=False):
+        trial = {}
+        for i in keep:
+            with only_layers(model, [j for j in keep if j != i]):
                 trial[i] = _loss(model, examples)
-            best = min(trial, key=trial.get)
-            logger.info("remove layer %d (loss without it %.4f)", best, trial[best])
-            keep.remove(best)
-    finally:
-        setattr(container[0], container[1], nn.ModuleList(original))
+        best = min(trial, key=trial.get)
+        logger.info("remove layer %d (loss without it %.4f)", best, trial[best])
+        keep.remove(best)
     return keep
+
+
+@contextlib.contextmanager
+def only_layers(model: nn.Module, keep: list[int]) -> Iterator[nn.Module]:
+    """``model`` running only decoder layers ``keep`` (in that order) inside the block; the original
+    layers are back on exit. For forwards without a KV cache (layer indices are not renumbered)."""
+    layers = get_adapter(model).decoder_layers(model)
+    owner, attr = _container(model, layers)
+    setattr(owner, attr, nn.ModuleList([layers[j] for j in keep]))
+    try:
+        yield model
+    finally:
+        setattr(owner, attr, layers)
 
 
 def _container(model: nn.Module, layers: nn.ModuleList) -> tuple[nn.Module, str]:

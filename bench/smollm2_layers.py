@@ -15,7 +15,7 @@ WikiText-2 ids. The model is an fp32 SmolLM2 folder (``--model``, as for ``bench
 from __future__ import annotations
 
 import argparse
-import contextlib
+import copy
 import json
 import math
 import sys
@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 from obs_explore import heldout_sets  # noqa: E402
 from smollm2 import C4, PROTOCOL, _ppl  # noqa: E402
+
+from LLMPruner.depth import only_layers  # noqa: E402
 
 
 def eval_sets(tok, windows: int) -> dict[str, torch.Tensor]:
@@ -40,20 +42,9 @@ def perplexities(model, sets: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: round(_ppl(model, v), 3) for k, v in sets.items()}
 
 
-@contextlib.contextmanager
 def without_layer(model, index: int):
-    """``model`` with decoder layer ``index`` taken out (restored on exit)."""
-    layers = model.model.layers
-    keep = torch.nn.ModuleList([m for i, m in enumerate(layers) if i != index])
-    model.model.layers, model.config.num_hidden_layers = keep, len(keep)
-    for i, m in enumerate(keep):
-        m.self_attn.layer_idx = i
-    try:
-        yield model
-    finally:
-        model.model.layers, model.config.num_hidden_layers = layers, len(layers)
-        for i, m in enumerate(layers):
-            m.self_attn.layer_idx = i
+    """``model`` with decoder layer ``index`` taken out (restored on exit; forwards without a KV cache)."""
+    return only_layers(model, [i for i in range(len(model.model.layers)) if i != index])
 
 
 @torch.no_grad()
@@ -144,7 +135,6 @@ def fold(model, examples, sets, index: int, variants: list[list[str]]) -> list[d
 
 def restore(model, pruned, sets) -> list[dict]:
     """Per pruned MLP: the perplexities with that MLP dense again, and the nats it costs."""
-    import copy
     base = perplexities(pruned, sets)
     rows = [{"model": "pruned", **base}]
     for i, (p, d) in enumerate(zip(pruned.model.layers, model.model.layers)):
