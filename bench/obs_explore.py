@@ -6,7 +6,8 @@ A VARIANT is ``name:key=value,key=value`` of ``prune()`` keyword arguments on to
 MLP-only uniform setting (layers 4..27, 128 x 128 C4 tokens), e.g. ``obs:selection=obs,pruner_type=l2``;
 ``target=95.6M`` / ``107.6M`` changes the parameter count; ``drop=L`` removes decoder layer L first and
 prunes the MLPs to the same total parameter count; ``ridges=1e-6/1e-5/...`` replaces the refit's ridge
-grid (``compensate.RIDGES``); ``counts=FILE`` (a JSON ``{family: count}``, or
+grid (``compensate.RIDGES``); ``calib_seed=S`` draws the calibration windows with seed S (the
+``c4_heldout`` split is defined for seed 0 only: it may overlap other seeds' windows); ``counts=FILE`` (a JSON ``{family: count}``, or
 bench/alloc_search.py's output) gives the sequential OBS pass its per-layer counts. The variant ``dense``
 prunes nothing. ``--heldout`` adds two splits no setting was chosen on: 128 windows of 128 tokens from the C4
 documents outside the calibration windows (``c4_heldout``) and the first 128 of PTB's validation text
@@ -74,13 +75,14 @@ def prune_variant(base, tok, spec: str):
     counts_file = kw.pop("counts", None)  # per-family counts for the sequential OBS pass (a JSON file)
     drop = kw.pop("drop", None)           # a decoder layer removed first (its parameters count in the budget)
     ridges = kw.pop("ridges", None)       # the refit's ridge grid, e.g. 1e-6/1e-5/1e-4/1e-3/1e-2/1e-1/1
+    calib_seed = kw.pop("calib_seed", 0)  # which C4 windows calibrate (c4_heldout assumes 0)
     prune_module = sys.modules["LLMPruner.prune"]  # (the package's ``prune`` attribute is the function)
     prune_module.obs_counts = obs_counts
     if counts_file:
         given = json.loads(Path(counts_file).read_text())
         given = given.get("counts", given)
         prune_module.obs_counts = lambda *a, **k: {key: list(range(n)) for key, n in given.items()}
-    examples = calibration_examples(str(C4), tok, n_ex, seq, seed=0)
+    examples = calibration_examples(str(C4), tok, n_ex, seq, seed=calib_seed)
     model = copy.deepcopy(base)
     budget = _budget(TARGETS[target])
     if drop is not None:

@@ -4,11 +4,13 @@
     python bench/smollm2_layers.py scan [--layers 1-28]              # the dense model without one layer
     python bench/smollm2_layers.py fold --layer 17 --into "16m;16m,16a,15m,15a"
     python bench/smollm2_layers.py restore --pruned FOLDER           # one pruned MLP made dense again
+    python bench/smollm2_layers.py temperature [--pruned FOLDER]     # logits divided by tau
 
 ``fold`` removes a layer and folds a least-squares map of earlier activations onto that layer's residual
 contribution into the linears that read them (``16m``: layer 16's ``down_proj``, ``16a``: its ``o_proj``;
 ReplaceMe-style; ``;`` separates variants). ``restore`` needs a pruned model saved by
-``bench/obs_explore.py --save``. Perplexity: the first ``--windows`` windows of the two held-out splits of
+``bench/obs_explore.py --save``. ``temperature`` divides the logits of the dense (and the pruned) model by
+each ``--taus`` value, on the calibration tokens too (where a tau would be chosen). Perplexity: the first ``--windows`` windows of the two held-out splits of
 ``bench/obs_explore.py --heldout`` (C4 documents outside calibration, PTB valid) and of the protocol's
 WikiText-2 ids. The model is an fp32 SmolLM2 folder (``--model``, as for ``bench/obs_explore.py``).
 """
@@ -152,16 +154,39 @@ def restore(model, pruned, sets) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def temperature(models: dict, sets: dict[str, torch.Tensor], taus: list[float]) -> list[dict]:
+    """Per model and split: perplexity with the logits divided by each tau (one forward per batch)."""
+    rows = []
+    for label, model in models.items():
+        for split, windows in sets.items():
+            nll, count = torch.zeros(len(taus), dtype=torch.float64), 0
+            for s in range(0, len(windows), 4):
+                ids = windows[s:s + 4]
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                logits, y = logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+                for i, tau in enumerate(taus):
+                    nll[i] += torch.nn.functional.cross_entropy(logits / tau, y, reduction="sum").double()
+                count += y.numel()
+            ppl = [math.exp(v / count) for v in nll.tolist()]
+            row = {"model": label, "split": split, **{f"tau {t:g}": round(v, 2) for t, v in zip(taus, ppl)}}
+            row["best tau"] = taus[min(range(len(taus)), key=ppl.__getitem__)]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("sink", "scan", "fold", "restore"))
+    p.add_argument("what", choices=("sink", "scan", "fold", "restore", "temperature"))
     p.add_argument("--model", default="/tmp/smollm2_fp32", help="fp32 SmolLM2 folder")
     p.add_argument("--windows", type=int, default=64)
     p.add_argument("--layers", default="1-28", help="scan: first-last layer to remove, one at a time")
     p.add_argument("--layer", type=int, default=17, help="fold: the layer removed")
     p.add_argument("--into", default="16m", help="fold: ';'-separated variants of ','-separated linears")
     p.add_argument("--pruned", default=None, help="restore: a pruned model folder (bench/obs_explore.py --save)")
+    p.add_argument("--taus", default="0.95,1,1.05,1.1,1.15", help="temperature: the divisors of the logits")
     args = p.parse_args()
     from LLMPruner.checkpoint import load_model, load_pruned
     from LLMPruner.data.calibration import calibration_examples
@@ -176,6 +201,12 @@ def main() -> None:
     elif args.what == "fold":
         variants = [[s for s in v.split(",") if s] for v in args.into.split(";")]
         rows = fold(model, examples, eval_sets(tok, args.windows), args.layer, variants)
+    elif args.what == "temperature":
+        models = {"dense": model}
+        if args.pruned:
+            models["pruned"] = load_pruned(args.pruned)[0].eval()
+        sets = {"calibration": examples, **eval_sets(tok, args.windows)}
+        rows = temperature(models, sets, [float(t) for t in args.taus.split(",")])
     else:
         if not args.pruned:
             sys.exit("restore needs --pruned FOLDER (a model saved by bench/obs_explore.py --save)")
