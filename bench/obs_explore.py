@@ -7,8 +7,8 @@ MLP-only uniform setting (layers 4..27, 128 x 128 C4 tokens), e.g. ``obs:selecti
 ``target=95.6M`` / ``107.6M`` changes the parameter count; ``drop=L`` removes decoder layer L first and
 prunes the MLPs to the same total parameter count; ``ridges=1e-6/1e-5/...`` replaces the refit's ridge
 grid (``compensate.RIDGES``); ``calib_seed=S`` draws the calibration windows with seed S (the
-``c4_heldout`` split is defined for seed 0 only: it may overlap other seeds' windows); ``counts=FILE`` (a JSON ``{family: count}``, or
-bench/alloc_search.py's output) gives the sequential OBS pass its per-layer counts. The variant ``dense``
+``c4_heldout`` split is defined for seed 0 only: it may overlap other seeds' windows); ``counts=FILE``
+(a JSON ``{family: count}``, or bench/alloc_search.py's output) gives the sequential OBS pass its per-layer counts. The variant ``dense``
 prunes nothing. ``--heldout`` adds two splits no setting was chosen on: 128 windows of 128 tokens from the C4
 documents outside the calibration windows (``c4_heldout``) and the first 128 of PTB's validation text
 (``ptb_valid``), for choosing a setting without looking at the reported WikiText-2 / PTB test windows.

@@ -115,16 +115,22 @@ def run_one(name: str, model_dir: str, windows: int) -> dict:
 
 
 @torch.no_grad()
-def _ppl(model, windows: torch.Tensor, batch: int = 4) -> float:
-    nll, count = 0.0, 0
+def _ppls(model, windows: torch.Tensor, taus: tuple[float, ...] = (1.0,), batch: int = 4) -> list[float]:
+    """Perplexity of ``windows`` with the logits divided by each of ``taus`` (one forward per batch)."""
+    nll, count = [0.0] * len(taus), 0
     for s in range(0, len(windows), batch):
         ids = windows[s:s + batch]
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        nll += loss.item()
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+        logits, y = logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        for i, tau in enumerate(taus):
+            nll[i] += torch.nn.functional.cross_entropy(logits if tau == 1 else logits / tau, y,
+                                                        reduction="sum").item()
+        count += y.numel()
+    return [math.exp(v / count) for v in nll]
+
+
+def _ppl(model, windows: torch.Tensor, batch: int = 4) -> float:
+    return _ppls(model, windows, batch=batch)[0]
 
 
 def _fp32_folder(tmp: Path) -> str:

@@ -10,9 +10,9 @@
 contribution into the linears that read them (``16m``: layer 16's ``down_proj``, ``16a``: its ``o_proj``;
 ReplaceMe-style; ``;`` separates variants). ``restore`` needs a pruned model saved by
 ``bench/obs_explore.py --save``. ``temperature`` divides the logits of the dense (and the pruned) model by
-each ``--taus`` value, on the calibration tokens too (where a tau would be chosen). Perplexity: the first ``--windows`` windows of the two held-out splits of
-``bench/obs_explore.py --heldout`` (C4 documents outside calibration, PTB valid) and of the protocol's
-WikiText-2 ids. The model is an fp32 SmolLM2 folder (``--model``, as for ``bench/obs_explore.py``).
+each ``--taus`` value, on the calibration tokens too (where a tau would be chosen). Perplexity: the first
+``--windows`` windows of the two held-out splits of ``bench/obs_explore.py --heldout`` (C4 documents
+outside calibration, PTB valid) and of the protocol's WikiText-2 ids. The model is an fp32 SmolLM2 folder (``--model``, as for ``bench/obs_explore.py``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 from obs_explore import heldout_sets  # noqa: E402
-from smollm2 import C4, PROTOCOL, _ppl  # noqa: E402
+from smollm2 import C4, PROTOCOL, _ppl, _ppls  # noqa: E402
 
 from LLMPruner.depth import only_layers  # noqa: E402
 
@@ -154,21 +154,12 @@ def restore(model, pruned, sets) -> list[dict]:
     return rows
 
 
-@torch.no_grad()
 def temperature(models: dict, sets: dict[str, torch.Tensor], taus: list[float]) -> list[dict]:
-    """Per model and split: perplexity with the logits divided by each tau (one forward per batch)."""
+    """Per model and split: perplexity with the logits divided by each tau."""
     rows = []
     for label, model in models.items():
         for split, windows in sets.items():
-            nll, count = torch.zeros(len(taus), dtype=torch.float64), 0
-            for s in range(0, len(windows), 4):
-                ids = windows[s:s + 4]
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                logits, y = logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
-                for i, tau in enumerate(taus):
-                    nll[i] += torch.nn.functional.cross_entropy(logits / tau, y, reduction="sum").double()
-                count += y.numel()
-            ppl = [math.exp(v / count) for v in nll.tolist()]
+            ppl = _ppls(model, windows, tuple(taus))
             row = {"model": label, "split": split, **{f"tau {t:g}": round(v, 2) for t, v in zip(taus, ppl)}}
             row["best tau"] = taus[min(range(len(taus)), key=ppl.__getitem__)]
             rows.append(row)
@@ -185,7 +176,7 @@ def main() -> None:
     p.add_argument("--layers", default="1-28", help="scan: first-last layer to remove, one at a time")
     p.add_argument("--layer", type=int, default=17, help="fold: the layer removed")
     p.add_argument("--into", default="16m", help="fold: ';'-separated variants of ','-separated linears")
-    p.add_argument("--pruned", default=None, help="restore: a pruned model folder (bench/obs_explore.py --save)")
+    p.add_argument("--pruned", default=None, help="restore, temperature: a pruned model folder (bench/obs_explore.py --save)")
     p.add_argument("--taus", default="0.95,1,1.05,1.1,1.15", help="temperature: the divisors of the logits")
     args = p.parse_args()
     from LLMPruner.checkpoint import load_model, load_pruned
