@@ -20,7 +20,8 @@ windows), for the refit and bias columns.
 
 The guard's cost on SmolLM2-135M fp32 (a safetensors folder): wanda + 20 % parameter budget + refit on
 48 x 64 C4 tokens (3,072: the fewest a refit of the 1,536-wide MLP inputs accepts), in memory, under
---offload, and under --offload --offload_sequential; each run a fresh process (peak RSS = VmHWM).
+--offload, and under --offload --offload_sequential; each run a fresh process (peak RSS = its whole-process VmHWM,
+``process_peak_rss``).
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from ..plan import PruningPlan
 from ..select import make_plan
 from ..sequential import log_choice, refit_sequential_layer
 from ..shrink import apply_plan
-from .states import LayerCall, StateStore, capture, head_loss
+from .states import LayerCall, StateStore, capture, mean_head_loss
 from .weights import Part, WeightSource, layers_prefix
 from .writer import ShardWriter
 
@@ -249,13 +249,9 @@ def _stream_loss(model, source, prefix, examples, last: torch.Tensor, calls, opt
     outer = Part(model, prefix, None)
     outer.load(source, opts.device, opts.dtype)
     as_tuple = next(iter(calls.values())).as_tuple
-    total = 0.0
-    for s in range(0, len(examples), opts.batch_size):
-        ids = examples[s:s + opts.batch_size]
-        h = last[s:s + opts.batch_size].to(opts.device)
-        total += head_loss(model, layers, ids, h, as_tuple).item() * len(ids)
+    loss = mean_head_loss(model, layers, examples, last, as_tuple, opts.device)
     outer.release()
-    return total / len(examples)
+    return loss
 
 
 def _write_outer(model, source, prefix, plan: PruningPlan, writers: list, opts: PassOptions) -> None:

@@ -3,6 +3,9 @@
 Host peaks are the kernel's high-water mark of the resident set (``VmHWM``), reset at the start of each
 stage through ``/proc/self/clear_refs`` where the kernel allows it (otherwise the figure is the peak since
 the process started, and the log says so). Device peaks are ``torch.cuda.max_memory_allocated``.
+
+Resetting ``VmHWM`` hides earlier peaks from anyone who reads it later (a benchmark measuring the whole
+process): ``process_peak_rss`` is the process's true high-water mark, the reset ones included.
 """
 from __future__ import annotations
 
@@ -41,7 +44,19 @@ def host_rss(kind: str = "VmRSS") -> int:
     return 0
 
 
+#: The highest ``VmHWM`` seen just before a reset (0 until the first one).
+_PEAK_BEFORE_RESETS = 0
+
+
+def process_peak_rss() -> int:
+    """Peak resident set of the whole process so far, in bytes: ``VmHWM``, or the highest value it had
+    before ``stage`` reset it, whichever is larger (0 if unknown)."""
+    return max(_PEAK_BEFORE_RESETS, host_rss("VmHWM"))
+
+
 def _reset_host_peak() -> bool:
+    global _PEAK_BEFORE_RESETS
+    _PEAK_BEFORE_RESETS = process_peak_rss()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True

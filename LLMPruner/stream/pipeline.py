@@ -28,7 +28,7 @@ from ..select import choose, make_plan
 from ..structure import ModelStructure
 from .apply import PassOptions, streamed_apply
 from .discover import discover_streamed
-from .memory import parse_memory, return_freed_memory, stage
+from .memory import parse_memory, process_peak_rss, return_freed_memory, stage
 from .states import StateStore
 from .taylor import streamed_taylor_scores
 from .weights import Part, SafetensorsSource, StateDictSource, WeightSource, layers_prefix, skeleton, \
@@ -149,6 +149,9 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+    peaks["whole process"] = {"peak_host_rss_mb": round(process_peak_rss() / 2**20, 1)}
+    logger.info("peak host RSS of the whole process (since it started, the model's loading included): %.1f MB",
+                peaks["whole process"]["peak_host_rss_mb"])
     return OffloadResult(plan=plan, structure=structure, folder=folder, peaks=peaks, params_before=params_before,
                          params_after=sum(p.numel() for p in model.parameters()))
 

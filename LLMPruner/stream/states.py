@@ -108,6 +108,35 @@ def head_loss(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, 
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
+#: fp32 logits held at once where a stage runs the head (a slice of positions of one example): SmolLM2's
+#: 49,152-word vocabulary gives slices of 10 positions, Llama-3's 128,256 slices of 4.
+HEAD_CHUNK_BYTES = 2**21
+
+
+def head_slices(seq_len: int, vocab_size: int, chunk_bytes: int | None = None) -> list[tuple[int, int]]:
+    """``(a, b)`` position ranges whose predictions (``a..b-1`` predicting ``a+1..b``) cover a window of
+    ``seq_len`` once, each with at most ``chunk_bytes`` (default ``HEAD_CHUNK_BYTES``) of fp32 logits (at
+    least one prediction). The head on positions ``a..b`` gives the mean loss of its ``b - a`` predictions."""
+    step = max(1, (HEAD_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab_size))
+    return [(a, min(a + step, seq_len - 1)) for a in range(0, seq_len - 1, step)]
+
+
+@torch.no_grad()
+def mean_head_loss(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last: torch.Tensor,
+                   as_tuple: bool, device: torch.device | str = "cpu") -> float:
+    """``head_loss`` of a batch of equal-length windows (``last`` on any device, the head on ``device``),
+    computed a slice of positions at a time (one example's ``head_slices``), so the logits never exceed
+    ``HEAD_CHUNK_BYTES``: the batch's mean loss."""
+    n, t = input_ids.shape
+    total = 0.0
+    for k in range(n):
+        for a, b in head_slices(t, model.config.vocab_size):
+            h = last[k:k + 1, a:b + 1].to(device)
+            loss = head_loss(model, layers, input_ids[k:k + 1, a:b + 1], h, as_tuple)
+            total += loss.item() * (b - a)
+    return total / (n * (t - 1))
+
+
 class StateStore:
     """Boundary states by index; on the CPU, or in files under a temporary folder (``to_disk``)."""
 

@@ -2,8 +2,11 @@
 
 1. embeddings: the model's forward up to its first layer gives ``h_0`` ``[N, T, H]`` and the layer call;
 2. forward, no grad: ``h_{i+1} = layer_i(h_i)``; only the boundary states are kept;
-3. head, one example at a time: the model's own loss on ``h_L[n]``; ``G_L[n] = d loss_n / d h_L[n] / N``
-   is the gradient of the batch's mean loss (all windows have the same length);
+3. head, one example at a time, in slices of the sequence: the model's own loss on ``h_L[n]``;
+   ``G_L[n] = d loss_n / d h_L[n] / N`` is the gradient of the batch's mean loss (all windows have the
+   same length). A slice of positions ``a..b`` (with position ``b`` too, whose token is the last label)
+   runs the model's final norm, head and loss on those positions alone, weighted by its share of the
+   example's predictions, so the logits held at once are ``states.HEAD_CHUNK_BYTES``, not a whole window's;
 4. backward, top down: load layer i, recompute its forward from ``h_i`` with grad, backpropagate
    ``G_{i+1}``, turn its parameter gradients into channel scores at once (``TaylorAccumulator``, the
    in-memory hook logic), keep only ``G_i = d loss / d h_i``; the Fisher modes also backpropagate each
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter
 from ..estimate import Slot, TaylorAccumulator, TaylorMode, slots_of
 from ..graph import Family
-from .states import LayerCall, StateStore, capture, head_loss
+from .states import LayerCall, StateStore, capture, head_loss, head_slices
 from .weights import Part, WeightSource, layers_prefix
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,9 @@ def streamed_taylor_scores(model: nn.Module, source: WeightSource, families: lis
     prefix = layers_prefix(model, layers)
     needed = slots_of(families)
     n, n_layers = examples.shape[0], len(layers)
+    if examples.shape[1] < 2:
+        raise ValueError(f"Taylor scores need calibration windows of at least 2 tokens (a next token to predict), "
+                         f"got {examples.shape[1]}: raise --calibration_seq_len")
     fisher = mode in ("param_second", "param_mix")
     acc = TaylorAccumulator(needed, mode, n)
     outer = Part(model, prefix, None)
@@ -90,13 +96,15 @@ def _head(model, layers, outer, source, examples, last, call: LayerCall, acc, ou
     for name in outer_needed:
         params[name].requires_grad_(True)
     grads: dict[str, torch.Tensor] = {}
-    out = torch.empty_like(last)
+    out = torch.zeros_like(last)
+    t = examples.shape[1]
     for k in tqdm(range(n), desc="taylor head (per example)", leave=False):
-        h = last[k:k + 1].to(device).requires_grad_(True)
-        loss = head_loss(model, layers, examples[k:k + 1], h, call.as_tuple)
-        _check(loss, f"example {k}")
-        loss.backward()
-        out[k:k + 1] = (h.grad / n).to(out.device)
+        for a, b in head_slices(t, model.config.vocab_size):
+            h = last[k:k + 1, a:b + 1].to(device).requires_grad_(True)
+            loss = head_loss(model, layers, examples[k:k + 1, a:b + 1], h, call.as_tuple)
+            _check(loss, f"example {k}")
+            (loss * ((b - a) / (t - 1))).backward()  # this slice's share of the example's mean loss
+            out[k:k + 1, a:b + 1] += (h.grad / n).to(out.device)
         for name in outer_needed:
             g = params[name].grad
             params[name].grad = None
