@@ -157,6 +157,7 @@ def streamed_apply(model: nn.Module, source: WeightSource, families: list[Family
                 if writers:
                     writers[0].write(layers[i].state_dict(prefix=f"{prefix}.{i}."))
                 layers[i] = seq_layer
+            stats = None  # spent on the selection and the one-shot candidate: free before the sequential refit
             mine_seq = _sequential_layer(model, prefix, i, seq_layer, fams, mine, names, seq.get(i), calls, opts,
                                          kinds, select)
             seq_plan.keep.update(mine_seq.keep)
