@@ -40,8 +40,8 @@ def test_sliced_head_gives_the_in_memory_scores(monkeypatch, tied, mode):
     ref = taylor_scores(model, families, EXAMPLES, mode)
     monkeypatch.setattr(states, "HEAD_CHUNK_BYTES", 3 * 4 * model.config.vocab_size)
     calls = []
-    real = taylor.head_loss
-    monkeypatch.setattr(taylor, "head_loss", lambda *a, **k: calls.append(a[3].shape[1]) or real(*a, **k))
+    real = states.head_loss
+    monkeypatch.setattr(states, "head_loss", lambda *a, **k: calls.append(a[3].shape[1]) or real(*a, **k))
     got = taylor.streamed_taylor_scores(skeleton(model.config), StateDictSource.of(model), families, EXAMPLES, mode)
     assert calls[:4] == [4, 4, 4, 4] and len(calls) == 4 * len(EXAMPLES)  # the slices ran: 4 a window
     assert set(got) == set(ref)

@@ -121,20 +121,26 @@ def head_slices(seq_len: int, vocab_size: int, chunk_bytes: int | None = None) -
     return [(a, min(a + step, seq_len - 1)) for a in range(0, seq_len - 1, step)]
 
 
+def sliced_head_losses(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last: torch.Tensor,
+                       as_tuple: bool, device: torch.device | str = "cpu", requires_grad: bool = False):
+    """Yield ``(a, b, h, loss)`` for one window (``input_ids`` ``[1, T]``, ``last`` ``[1, T, H]`` on any
+    device) a slice of positions at a time (``head_slices``): ``h`` is ``last[:, a:b+1]`` on ``device``
+    (a leaf needing gradients when ``requires_grad``), ``loss`` the slice's share of the window's mean
+    ``head_loss``, so the shares add up to it and the logits never exceed ``HEAD_CHUNK_BYTES``."""
+    t = input_ids.shape[1]
+    for a, b in head_slices(t, model.config.vocab_size):
+        h = last[:, a:b + 1].to(device).requires_grad_(requires_grad)
+        yield a, b, h, head_loss(model, layers, input_ids[:, a:b + 1], h, as_tuple) * ((b - a) / (t - 1))
+
+
 @torch.no_grad()
 def mean_head_loss(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, last: torch.Tensor,
                    as_tuple: bool, device: torch.device | str = "cpu") -> float:
-    """``head_loss`` of a batch of equal-length windows (``last`` on any device, the head on ``device``),
-    computed a slice of positions at a time (one example's ``head_slices``), so the logits never exceed
-    ``HEAD_CHUNK_BYTES``: the batch's mean loss."""
-    n, t = input_ids.shape
-    total = 0.0
-    for k in range(n):
-        for a, b in head_slices(t, model.config.vocab_size):
-            h = last[k:k + 1, a:b + 1].to(device)
-            loss = head_loss(model, layers, input_ids[k:k + 1, a:b + 1], h, as_tuple)
-            total += loss.item() * (b - a)
-    return total / (n * (t - 1))
+    """``head_loss`` of a batch of equal-length windows, computed one window and slice at a time
+    (``sliced_head_losses``): the batch's mean loss."""
+    n = input_ids.shape[0]
+    return sum(loss.item() for k in range(n) for *_, loss in
+               sliced_head_losses(model, layers, input_ids[k:k + 1], last[k:k + 1], as_tuple, device)) / n
 
 
 class StateStore:

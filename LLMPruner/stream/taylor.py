@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..adapters import get_adapter
 from ..estimate import Slot, TaylorAccumulator, TaylorMode, slots_of
 from ..graph import Family
-from .states import LayerCall, StateStore, capture, head_loss, head_slices
+from .states import LayerCall, StateStore, capture, sliced_head_losses
 from .weights import Part, WeightSource, layers_prefix
 
 logger = logging.getLogger(__name__)
@@ -97,13 +97,11 @@ def _head(model, layers, outer, source, examples, last, call: LayerCall, acc, ou
         params[name].requires_grad_(True)
     grads: dict[str, torch.Tensor] = {}
     out = torch.zeros_like(last)
-    t = examples.shape[1]
     for k in tqdm(range(n), desc="taylor head (per example)", leave=False):
-        for a, b in head_slices(t, model.config.vocab_size):
-            h = last[k:k + 1, a:b + 1].to(device).requires_grad_(True)
-            loss = head_loss(model, layers, examples[k:k + 1, a:b + 1], h, call.as_tuple)
+        for a, b, h, loss in sliced_head_losses(model, layers, examples[k:k + 1], last[k:k + 1], call.as_tuple,
+                                                device, requires_grad=True):
             _check(loss, f"example {k}")
-            (loss * ((b - a) / (t - 1))).backward()  # this slice's share of the example's mean loss
+            loss.backward()
             out[k:k + 1, a:b + 1] += (h.grad / n).to(out.device)
         for name in outer_needed:
             g = params[name].grad
