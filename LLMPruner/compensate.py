@@ -90,35 +90,50 @@ class CrossStats:
     """Streamed statistics of one consumer's inputs in both streams: ``x`` (dense model), ``x~`` (pruned).
 
     ``gram`` = ``sum x~ x~^T``, ``cross`` = ``sum x x~^T`` (rows: dense channels, columns: pruned), both
-    ``[in, in]`` float64; ``total`` = ``sum x~``; ``count`` tokens. Without upstream pruning ``x~ = x``.
-    ``extra`` (``[out, in]``, optional) = ``sum e x~^T``: an additive output target ``e`` per token (the
-    fit is then ``V x~_K ~ W x + e``; the sequential ``residual`` target puts the residual stream's
-    accumulated error there)."""
+    ``[in, in]`` float64; ``total`` = ``sum x~``; ``count`` tokens. ``cross`` is None when the target is
+    the pruned stream itself (``x = x~``, the default refit): it would equal ``gram``, and a second
+    ``[in, in]`` float64 matrix per half is what dominates the refit's host memory on wide MLPs (3.5 GB
+    for Llama-3-70B's 28,672 inputs); ``dense_cross`` reads either. ``extra`` (``[out, in]``, optional) =
+    ``sum e x~^T``: an additive output target ``e`` per token (the fit is then ``V x~_K ~ W x + e``; the
+    sequential ``residual`` target puts the residual stream's accumulated error there)."""
     count: int
     total: torch.Tensor
     gram: torch.Tensor
-    cross: torch.Tensor
+    cross: torch.Tensor | None
     extra: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, width: int) -> "CrossStats":
+    def empty(cls, width: int, dense: bool = True) -> "CrossStats":
+        """Zero statistics of ``width`` inputs; ``dense=False``: no separate dense stream (``x = x~``)."""
         z = torch.zeros(width, width, dtype=torch.float64)
-        return cls(0, torch.zeros(width, dtype=torch.float64), z, z.clone())
+        return cls(0, torch.zeros(width, dtype=torch.float64), z, z.clone() if dense else None)
+
+    @property
+    def dense_cross(self) -> torch.Tensor:
+        """``sum x x~^T``: ``cross``, or ``gram`` when the two streams are one."""
+        return self.gram if self.cross is None else self.cross
 
     def merged(self, other: "CrossStats") -> "CrossStats":
+        if (self.cross is None) != (other.cross is None):
+            raise ValueError("CrossStats.merged: one side has a dense stream and the other has not")
         extra = None if self.extra is None and other.extra is None else (
             (0 if self.extra is None else self.extra) + (0 if other.extra is None else other.extra))
+        cross = None if self.cross is None else self.cross + other.cross
         return CrossStats(self.count + other.count, self.total + other.total, self.gram + other.gram,
-                          self.cross + other.cross, extra)
+                          cross, extra)
 
-    def add(self, x: torch.Tensor, xp: torch.Tensor, e: torch.Tensor | None = None) -> None:
-        """``x``, ``xp``: ``[tokens, in]``; ``e``: ``[tokens, out]`` additive targets (float32 products,
-        float64 sums)."""
-        assert x.shape == xp.shape, (x.shape, xp.shape)
-        self.count += x.shape[0]
+    def add(self, x: torch.Tensor | None, xp: torch.Tensor, e: torch.Tensor | None = None) -> None:
+        """``x`` (dense stream; None without one), ``xp``: ``[tokens, in]``; ``e``: ``[tokens, out]``
+        additive targets (float32 products, float64 sums)."""
+        if (x is None) != (self.cross is None):
+            raise ValueError("CrossStats.add: pass the dense inputs x exactly when the statistics have a "
+                             "dense stream (CrossStats.empty(width, dense=True))")
+        assert x is None or x.shape == xp.shape, (x.shape, xp.shape)
+        self.count += xp.shape[0]
         self.total += xp.sum(0).double().cpu()
         self.gram += (xp.T @ xp).double().cpu()
-        self.cross += (x.T @ xp).double().cpu()
+        if x is not None:
+            self.cross += (x.T @ xp).double().cpu()
         if e is not None:
             term = (e.T @ xp).double().cpu()
             self.extra = term if self.extra is None else self.extra + term
@@ -126,7 +141,7 @@ class CrossStats:
 
 def _target_cross(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor) -> torch.Tensor:
     """``sum_t y_t x~_t,K^T`` for the target ``y = W x (+ e)``: ``[out, K]``."""
-    b = w @ stats.cross[:, kept]
+    b = w @ stats.dense_cross[:, kept]
     return b if stats.extra is None else b + stats.extra[:, kept]
 
 
@@ -140,8 +155,20 @@ def reconstruction_objective(w: torch.Tensor, v: torch.Tensor, stats: CrossStats
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def solve_refit(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: float) -> torch.Tensor:
+def _kept_sums(parts: tuple[CrossStats, ...], kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor | None]:
+    """``(G~_KK, D[:, K], E[:, K])`` of the statistics summed over ``parts``, indexed before summing: the
+    same numbers as ``merged`` would give, without its ``[in, in]`` copies."""
+    gram = sum(p.gram[kept][:, kept] for p in parts)
+    cross = sum(p.dense_cross[:, kept] for p in parts)
+    extras = [p.extra[:, kept] for p in parts if p.extra is not None]
+    return gram, cross, (sum(extras) if extras else None)
+
+
+def solve_refit(w: torch.Tensor, stats: CrossStats | tuple[CrossStats, ...], kept: torch.Tensor,
+                ridge: float) -> torch.Tensor:
     """``V = (W D[:, K] + lam W_K) (G~_KK + lam I)^-1``, ``lam = ridge * mean diag(G~_KK)``: ``[out, K]``.
+    ``stats`` may come in parts (the fit and check halves), summed on the kept columns only.
 
     The ridge shrinks ``V`` toward the kept columns ``W_K`` (plain slicing, its limit for a large ridge),
     not toward zero: with the Gram's own damping this is the damped OBS update (``obs.py``). Toward zero,
@@ -149,10 +176,11 @@ def solve_refit(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: f
     activation, 23,000 vs ~30 elsewhere) shrank every other column so far that even the smallest ridge
     lost to slicing on held-out tokens; toward ``W_K`` the refit wins there, and the SmolLM2 perplexities
     improve (docs/smollm2.md §6)."""
-    g_kk = stats.gram[kept][:, kept]
+    g_kk, d_k, e_k = _kept_sums(stats if isinstance(stats, tuple) else (stats,), kept)
+    target = w @ d_k if e_k is None else w @ d_k + e_k                  # sum_t y_t x~_t,K^T, [out, K]
     lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
     a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype)
-    return torch.linalg.solve(a, (_target_cross(w, stats, kept) + lam * w[:, kept]).T).T
+    return torch.linalg.solve(a, (target + lam * w[:, kept]).T).T
 
 
 def refit_layer(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: float | None = None,
@@ -173,7 +201,6 @@ def refit_layer(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: f
     best = min(tried, key=tried.get) if tried else None
     if best is None or not tried[best] < base:
         return w[:, kept].clone(), f"refit not better on held-out calibration tokens: sliced only"
-    final = stats.merged(check) if check is not None else stats
-    v = solve_refit(w, final, kept, best)
+    v = solve_refit(w, (stats, check) if check is not None else stats, kept, best)
     return v, (f"refit (ridge {best:g}) lowers the held-out error by {base - tried[best]:.4g} "
                f"({len(kept)}/{w.shape[1]} inputs kept)")

@@ -99,13 +99,13 @@ def cross_stats(forward: Forward, dense_layer: nn.Module | None, layer: nn.Modul
             yd = forward(dense_layer, b, dense_h[b]) if target != "pruned" else None
             yp = forward(layer, b, hp)
             xp = seen["xp"].float()                                      # [B, T, in]
-            x = seen["x"].float() if target == "dense" else xp
+            x = seen["x"].float() if target == "dense" else None         # None: x = x~ (no second Gram)
             e = (yd - yp).float() if target == "residual" else None      # [B, T, hidden]
+            d = xp.shape[-1]
             if fit is None:
-                fit, check = CrossStats.empty(x.shape[-1]), CrossStats.empty(x.shape[-1])
-            d = x.shape[-1]
+                fit, check = (CrossStats.empty(d, dense=x is not None) for _ in range(2))
             for stats, half in ((fit, slice(0, None, 2)), (check, slice(1, None, 2))):
-                stats.add(x[:, half].reshape(-1, d), xp[:, half].reshape(-1, d),
+                stats.add(None if x is None else x[:, half].reshape(-1, d), xp[:, half].reshape(-1, d),
                           None if e is None else e[:, half].reshape(-1, e.shape[-1]))
     finally:
         for h in hooks:
