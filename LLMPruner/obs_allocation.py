@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import heapq
 import logging
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
-from .activations import collect_input_stats, consumers
+from .activations import consumers
 from .adapters import get_adapter
 from .budget import unit_cost
 from .graph import Family
 from .obs import DAMP, consumer_columns, obs_select
+from .sequential import layer_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -41,62 +43,60 @@ ALLOCATIONS = ("uniform", "residual", "normalized", "output", "fisher", "kl")
 
 
 @torch.no_grad()
-def _forward_all(model: nn.Module, examples: torch.Tensor, batch_size: int, handles: list) -> None:
-    """Run ``examples`` through ``model`` batch by batch (for the hooks' sake), then remove ``handles``."""
-    try:
-        device = next(model.parameters()).device
-        for s in range(0, len(examples), batch_size):
-            model(input_ids=examples[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Tensor, batch_size: int,
+                normalized: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
+    """Per decoder layer that owns consumers, in order: ``(layer, {consumer: dense input Gram}, sum_t
+    ||h_t||^2 of the layer's output)``, the Grams float64 on the host. ``normalized``: each token's
+    ``x_t x_t^T`` divided by ``ms(h_t)``, the mean square of the layer's output hidden state there.
+
+    The dense stream runs layer by layer from the first layer's inputs (``sequential.layer_inputs``),
+    so only one layer's Grams exist at a time: one full forward with hooks on every consumer would hold
+    them all at once, e.g. 24 x 1,536^2 float64 = 453 MB for SmolLM2's MLPs, 31 GB for LLaMA-7B's
+    (11,008 wide), 526 GB for Llama-3-70B's. The layers after the last owner are not run."""
+    layers = get_adapter(model).decoder_layers(model)
+    owner = {name: _owner(layers, mod, name) for name, mod in cons.items()}
+    batches = layer_inputs(model, examples, batch_size)
+    hidden, kwargs_of = [h for h, _ in batches], [kw for _, kw in batches]
+    del batches                                   # hidden[b] is replaced by each layer's output
+    for i, layer in enumerate(tqdm(layers[:max(owner.values()) + 1], desc="OBS allocation statistics",
+                                   leave=False)):
+        mine = {name: cons[name] for name, li in owner.items() if li == i}
+        seen: dict[str, torch.Tensor] = {}
+        handles = [mod.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
+                   for name, mod in mine.items()]
+        grams: dict[str, torch.Tensor] = {}
+        energy = 0.0
+        try:
+            for b, kwargs in enumerate(kwargs_of):
+                y = layer(hidden[b], **kwargs)
+                y = hidden[b] = y[0] if isinstance(y, tuple) else y
+                if not mine:
+                    continue
+                energy += float(y.double().pow(2).sum())
+                w = y.double().pow(2).mean(-1).clamp_min(1e-12).rsqrt()[..., None] if normalized else None
+                for name in mine:
+                    x = seen.pop(name).double()
+                    x = (x if w is None else x * w).reshape(-1, x.shape[-1])
+                    grams[name] = grams.get(name, 0) + (x.T @ x).cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if mine:
+            yield i, grams, energy
 
 
-@torch.no_grad()
+def _owner(layers: nn.ModuleList, module: nn.Module, name: str) -> int:
+    for i, layer in enumerate(layers):
+        if any(m is module for m in layer.modules()):
+            return i
+    raise ValueError(f"OBS allocation: {name} is not inside a decoder layer")
+
+
 def normalized_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Tensor,
                      batch_size: int) -> dict[str, torch.Tensor]:
-    """``{consumer: sum_t x_t x_t^T / ms(h_t)}``, ``ms(h_t)`` the mean square of the consumer's layer's
-    output hidden state at token ``t`` (float64)."""
-    layers = get_adapter(model).decoder_layers(model)
-    owner = {name: next(i for i, layer in enumerate(layers) if any(m is mod for m in layer.modules()))
-             for name, mod in cons.items()}
-    seen: dict[str, torch.Tensor] = {}
-    grams: dict[str, torch.Tensor] = {}
-
-    def grab(name):
-        return lambda m, a: seen.__setitem__(name, a[0].detach())
-
-    def weigh(i):
-        def fn(module, args, y):
-            h = (y[0] if isinstance(y, tuple) else y).double()
-            w = h.pow(2).mean(-1).clamp_min(1e-12).rsqrt()               # [B, T]: 1 / rms(h_t)
-            for name, li in owner.items():
-                if li == i:
-                    x = seen.pop(name).double() * w[..., None]
-                    x = x.reshape(-1, x.shape[-1])
-                    grams[name] = grams.get(name, 0) + (x.T @ x).cpu()
-        return fn
-
-    handles = [mod.register_forward_pre_hook(grab(name)) for name, mod in cons.items()]
-    handles += [layers[i].register_forward_hook(weigh(i)) for i in set(owner.values())]
-    _forward_all(model, examples, batch_size, handles)
-    return grams
-
-
-@torch.no_grad()
-def _residual_scale(model: nn.Module, examples: torch.Tensor, batch_size: int) -> dict[int, float]:
-    layers = get_adapter(model).decoder_layers(model)
-    out: dict[int, float] = {}
-
-    def hook(i):
-        def fn(module, args, y):
-            h = y[0] if isinstance(y, tuple) else y
-            out[i] = out.get(i, 0.0) + float(h.double().pow(2).sum())
-        return fn
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    _forward_all(model, examples, batch_size, handles)
-    return out
+    """``{consumer: sum_t x_t x_t^T / ms(h_t)}`` for every consumer at once (``layer_grams``)."""
+    return {name: g for _, grams, _ in layer_grams(model, cons, examples, batch_size, normalized=True)
+            for name, g in grams.items()}
 
 
 def allocate(curves: dict[str, list[float]], scale: dict[str, float], total: int) -> dict[str, int]:
@@ -146,22 +146,21 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
         logger.info("OBS allocation (kl): %s", counts)
         return {k: list(range(n)) for k, n in counts.items()}
     cons = consumers(model, families)
-    if how == "normalized":
-        grams = normalized_grams(model, cons, examples, batch_size)
-    else:
-        grams = {n: s.gram for n, s in collect_input_stats(model, cons, examples, batch_size, gram=True).items()}
-    residual = _residual_scale(model, examples, batch_size) if how == "residual" else {}
+    consumer_of = {f.key: next(m.param for m in f.members if m.dim == 1 and m.param in cons) for f in families}
     params = dict(model.named_parameters())
     curves, scale = {}, {}
-    for fam in families:
-        name = next(m.param for m in fam.members if m.dim == 1 and m.param in cons)
-        w = params[name].detach().double().cpu()
-        g = grams[name].cpu()
-        n = min(fam.n_units - 1, int(max_fraction * fam.n_units))
-        f = fisher.get(name) if fisher else None
-        _, _, curves[fam.key] = obs_select(w, g, consumer_columns(fam, name), n, damp, fisher=f)
-        scale[fam.key] = (residual[fam.layer] if how == "residual" else 1.0 if how in ("fisher", "normalized")
-                          else float(((w @ g) * w).sum()))
+    for _, grams, energy in layer_grams(model, cons, examples, batch_size, normalized=how == "normalized"):
+        for fam in families:  # this layer's families, while its Grams exist
+            name = consumer_of[fam.key]
+            if name in grams:
+                w = params[name].detach().double().cpu()
+                n = min(fam.n_units - 1, int(max_fraction * fam.n_units))
+                f = fisher.get(name) if fisher else None
+                _, _, curves[fam.key] = obs_select(w, grams[name], consumer_columns(fam, name), n, damp, fisher=f)
+                scale[fam.key] = (energy if how == "residual" else 1.0 if how in ("fisher", "normalized")
+                                  else float(((w @ grams[name]) * w).sum()))
+        del grams                                 # before the next layer's are accumulated
+    curves = {f.key: curves[f.key] for f in families}
     counts = allocate(curves, scale, total)
     logger.info("OBS allocation (%s): %s", how, {k: v for k, v in counts.items()})
     return {k: list(range(n)) for k, n in counts.items()}

@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .activations import collect_input_stats, consumers
+from .activations import consumers
 from .adapters import get_adapter
 from .graph import Family
 from .obs import DAMP, consumer_columns, damped, obs_select
+from .obs_allocation import layer_grams
 from .stream.states import Feed, capture, swapped
 
 logger = logging.getLogger(__name__)
@@ -93,28 +94,39 @@ def measured_curves(model: nn.Module, families: list[Family], examples: torch.Te
             states.append(call(layer, states[-1]))
         batches.append((ids, call, states, _logprobs(model, layers, ids, states[-1], call.as_tuple)))
     cons = consumers(model, families)
-    stats = collect_input_stats(model, cons, examples, batch_size, gram=True)
+    consumer_of = {f.key: next(m.param for m in f.members if m.dim == 1 and m.param in cons) for f in families}
     params = dict(model.named_parameters())
     curves: dict[str, list[float]] = {}
-    for fam in tqdm(families, desc="measured allocation", leave=False):
-        name = next(m.param for m in fam.members if m.dim == 1 and m.param in cons)
-        p = params[name]
-        cols = consumer_columns(fam, name)
-        n_max = min(fam.n_units - 1, int(max_fraction * fam.n_units))
-        order, _, _ = obs_select(p.detach().cpu(), stats[name].gram.cpu(), cols, n_max, damp)
-        counts = sorted({min(n_max, max(1, round(f * fam.n_units))) for f in levels} | {n_max})
-        points = [(0, 0.0)]
-        saved = p.data
-        try:
-            for c in counts:
-                removed_cols = cols[torch.as_tensor(order[:c])].flatten()
-                p.data = refit_kept(saved.cpu(), stats[name].gram.cpu(), removed_cols, damp).to(saved)
-                points.append((c, _kl(layers, fam.layer, batches, model)))
-        finally:
-            p.data = saved
-        curves[fam.key] = hull_marginals(points, n_max)
-        logger.info("%s: measured KL %s", fam.key, ", ".join(f"{c}: {v:.4g}" for c, v in points[1:]))
-    return curves
+    progress = tqdm(total=len(families), desc="measured allocation", leave=False)
+    for _, grams, _ in layer_grams(model, cons, examples, batch_size):  # one layer's Grams at a time
+        for fam in (f for f in families if consumer_of[f.key] in grams):
+            name = consumer_of[fam.key]
+            curves[fam.key] = _curve(fam, params[name], grams[name], cols=consumer_columns(fam, name),
+                                     damp=damp, max_fraction=max_fraction, levels=levels,
+                                     kl=lambda: _kl(layers, fam.layer, batches, model))
+            progress.update()
+        del grams
+    progress.close()
+    return {f.key: curves[f.key] for f in families}
+
+
+def _curve(fam: Family, p: nn.Parameter, gram: torch.Tensor, cols: torch.Tensor, damp: float,
+           max_fraction: float, levels: tuple[float, ...], kl) -> list[float]:
+    """One family's per-unit marginal KL: its consumer ``p`` refitted at each level, ``kl()`` measured."""
+    n_max = min(fam.n_units - 1, int(max_fraction * fam.n_units))
+    order, _, _ = obs_select(p.detach().cpu(), gram, cols, n_max, damp)
+    counts = sorted({min(n_max, max(1, round(f * fam.n_units))) for f in levels} | {n_max})
+    points = [(0, 0.0)]
+    saved = p.data
+    try:
+        for c in counts:
+            removed_cols = cols[torch.as_tensor(order[:c])].flatten()
+            p.data = refit_kept(saved.cpu(), gram, removed_cols, damp).to(saved)
+            points.append((c, kl()))
+    finally:
+        p.data = saved
+    logger.info("%s: measured KL %s", fam.key, ", ".join(f"{c}: {v:.4g}" for c, v in points[1:]))
+    return hull_marginals(points, n_max)
 
 
 def _kl(layers: nn.ModuleList, first: int, batches, model: nn.Module) -> float:
