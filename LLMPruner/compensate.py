@@ -130,12 +130,12 @@ class CrossStats:
                              "dense stream (CrossStats.empty(width, dense=True))")
         assert x is None or x.shape == xp.shape, (x.shape, xp.shape)
         self.count += xp.shape[0]
-        self.total += xp.sum(0).double().cpu()
-        self.gram += (xp.T @ xp).double().cpu()
+        self.total += xp.sum(0).cpu().double()          # to the host first: no float64 copy on the device
+        self.gram += (xp.T @ xp).cpu().double()
         if x is not None:
-            self.cross += (x.T @ xp).double().cpu()
+            self.cross += (x.T @ xp).cpu().double()
         if e is not None:
-            term = (e.T @ xp).double().cpu()
+            term = (e.T @ xp).cpu().double()
             self.extra = term if self.extra is None else self.extra + term
 
 

@@ -106,3 +106,17 @@ def test_process_peak_survives_the_per_stage_resets():
     assert peaks["small"]["peak_host_rss_mb"] < peaks["big"]["peak_host_rss_mb"] - 200, got
     assert got["hwm"] < big_rss - 200 * mib, got            # the reset hid the first stage
     assert got["process"] >= big_rss - 4 * mib, got          # the whole process did not forget it
+
+
+def test_the_refit_statistics_count_on_the_device_and_are_logged_for_the_host(caplog):
+    """A refit makes one batch's ``x^T x`` of its widest input on the device (float32) before the float64
+    Grams go to the host: ``--max_memory`` counts it, and the host's share is logged."""
+    import logging
+    from LLMPruner.stream.pipeline import _check_memory
+    model, ex = tiny_model(), torch.zeros(4, 8, dtype=torch.long)
+    with caplog.at_level(logging.INFO, logger="LLMPruner"):
+        _check_memory(model, "64MB", torch.float32, ex, False, False, "cpu")
+        assert "host memory" not in caplog.text
+        with pytest.raises(ValueError, match="--max_memory 64MB: one stage needs about 0.07 GB"):
+            _check_memory(model, "64MB", torch.float32, ex, False, False, "cpu", stats_width=4096)  # 4 x 4096^2 B
+    assert "widest input (4096 channels) take about 384.0 MB of host memory" in caplog.text

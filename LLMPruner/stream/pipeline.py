@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..activations import consumers
 from ..adapters import get_adapter
 from ..budget import choose_by_budget, non_embedding_parameters
 from ..checkpoint import save_pruned
@@ -97,7 +98,8 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
         if compensation in ("refit", "refit_oneshot"):
             _check_tokens(model, targets, examples)  # as in memory: a rank-deficient refit is refused
         _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device,
-                      candidates=2 if sequential else 1)
+                      candidates=2 if sequential else 1,
+                      stats_width=_widest(model, targets) if compensation in ("refit", "refit_oneshot") else 0)
     # --compensation refit is the in-memory sequential refit (layer i refit on the outputs of the pruned
     # layers 0..i-1, sequential.refit_sequential_layer); refit_oneshot and bias use the dense model's
     # statistics, as in memory. ``sequential`` (--offload_sequential) runs any compensation on the pruned
@@ -193,11 +195,19 @@ def streamed_magnitude_scores(model, source, targets, p: int, opts: PassOptions)
     return out
 
 
+def _widest(model: nn.Module, targets) -> int:
+    """The widest input of a linear layer that loses input channels (the refit's Gram is its square)."""
+    return max((m.in_features for m in consumers(model, targets).values()), default=0)
+
+
 def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device,
-                  candidates: int = 1) -> None:
+                  candidates: int = 1, stats_width: int = 0) -> None:
     """The largest part (x2 where it takes gradients: the layers under Taylor, the embeddings/head only when
     the hidden size is scored) plus a few copies of the boundary states must fit ``--max_memory``; with
-    two candidates (``--offload_sequential``) a layer and the states are held twice over."""
+    two candidates (``--offload_sequential``) a layer and the states are held twice over. ``stats_width``
+    (a refit): one batch's ``x^T x`` of the widest refitted input is made on the device in float32 before
+    it goes to the host, where the float64 Grams of the fit and check halves (and a merged or sliced copy)
+    live: logged, since ``--max_memory`` is the device's."""
     layers = get_adapter(model).decoder_layers(model)
     prefix = layers_prefix(model, layers)
     elem = torch.finfo(dtype).bits // 8 if dtype is not None else 4
@@ -209,7 +219,10 @@ def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_sco
     largest = max(sizes, key=sizes.get)
     states = 0 if examples is None else examples.numel() * model.config.hidden_size * elem
     need = max(sizes[largest], candidates * max(v for k, v in sizes.items() if k != "embeddings/head")) \
-        + 4 * candidates * states
+        + 4 * candidates * states + 4 * stats_width ** 2
+    if stats_width:
+        logger.info("offload: the refit's statistics of its widest input (%d channels) take about %.1f MB of host "
+                    "memory per layer (float64 Grams)", stats_width, 3 * 8 * stats_width ** 2 / 2**20)
     logger.info("offload: largest part %s %.1f MB%s; boundary states %.1f MB each; about %.1f MB on %s per stage",
                 largest, sizes[largest] / 2**20, " (gradients included)" if with_grad else "", states / 2**20,
                 need / 2**20, device)
