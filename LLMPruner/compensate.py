@@ -139,30 +139,25 @@ class CrossStats:
             self.extra = term if self.extra is None else self.extra + term
 
 
-def _target_cross(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor) -> torch.Tensor:
-    """``sum_t y_t x~_t,K^T`` for the target ``y = W x (+ e)``: ``[out, K]``."""
-    b = w @ stats.dense_cross[:, kept]
-    return b if stats.extra is None else b + stats.extra[:, kept]
-
-
 def reconstruction_objective(w: torch.Tensor, v: torch.Tensor, stats: CrossStats, kept: torch.Tensor) -> float:
     """``sum_t ||y_t - V x~_t,K||^2`` (``y = W x``, ``+ e`` with ``extra``) minus its ``V``-independent
     part ``sum_t ||y_t||^2``."""
-    b = _target_cross(w, stats, kept)                                     # [out, K]
-    return float(-2.0 * (v * b).sum() + ((v @ stats.gram[kept][:, kept]) * v).sum())
+    g_kk, b = _kept_target(w, (stats,), kept)
+    return float(-2.0 * (v * b).sum() + ((v @ g_kk) * v).sum())
 
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def _kept_sums(parts: tuple[CrossStats, ...], kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                         torch.Tensor | None]:
-    """``(G~_KK, D[:, K], E[:, K])`` of the statistics summed over ``parts``, indexed before summing: the
-    same numbers as ``merged`` would give, without its ``[in, in]`` copies."""
-    gram = sum(p.gram[kept][:, kept] for p in parts)
-    cross = sum(p.dense_cross[:, kept] for p in parts)
+def _kept_target(w: torch.Tensor, parts: tuple[CrossStats, ...], kept: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G~_KK, sum_t y_t x~_t,K^T)`` for the target ``y = W x (+ e)`` (``[K, K]``, ``[out, K]``), the
+    statistics summed over ``parts`` after indexing: the numbers ``merged`` would give, without its
+    ``[in, in]`` copies."""
+    g_kk = sum(p.gram[kept][:, kept] for p in parts)
+    b = w @ sum(p.dense_cross[:, kept] for p in parts)
     extras = [p.extra[:, kept] for p in parts if p.extra is not None]
-    return gram, cross, (sum(extras) if extras else None)
+    return g_kk, (b + sum(extras) if extras else b)
 
 
 def solve_refit(w: torch.Tensor, stats: CrossStats | tuple[CrossStats, ...], kept: torch.Tensor,
@@ -176,8 +171,7 @@ def solve_refit(w: torch.Tensor, stats: CrossStats | tuple[CrossStats, ...], kep
     activation, 23,000 vs ~30 elsewhere) shrank every other column so far that even the smallest ridge
     lost to slicing on held-out tokens; toward ``W_K`` the refit wins there, and the SmolLM2 perplexities
     improve (docs/smollm2.md §6)."""
-    g_kk, d_k, e_k = _kept_sums(stats if isinstance(stats, tuple) else (stats,), kept)
-    target = w @ d_k if e_k is None else w @ d_k + e_k                  # sum_t y_t x~_t,K^T, [out, K]
+    g_kk, target = _kept_target(w, stats if isinstance(stats, tuple) else (stats,), kept)
     lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
     a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype)
     return torch.linalg.solve(a, (target + lam * w[:, kept]).T).T

@@ -85,6 +85,11 @@ def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Te
             yield i, grams, energy
 
 
+def consumer_names(families: list[Family], cons: dict[str, nn.Linear]) -> dict[str, str]:
+    """``{family key: the weight name of the linear layer whose input columns it prunes}``."""
+    return {f.key: next(m.param for m in f.members if m.dim == 1 and m.param in cons) for f in families}
+
+
 def _owner(layers: nn.ModuleList, module: nn.Module, name: str) -> int:
     for i, layer in enumerate(layers):
         if any(m is module for m in layer.modules()):
@@ -146,7 +151,7 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
         logger.info("OBS allocation (kl): %s", counts)
         return {k: list(range(n)) for k, n in counts.items()}
     cons = consumers(model, families)
-    consumer_of = {f.key: next(m.param for m in f.members if m.dim == 1 and m.param in cons) for f in families}
+    consumer_of = consumer_names(families, cons)
     params = dict(model.named_parameters())
     curves, scale = {}, {}
     for _, grams, energy in layer_grams(model, cons, examples, batch_size, normalized=how == "normalized"):

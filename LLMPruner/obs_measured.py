@@ -28,7 +28,7 @@ from .activations import consumers
 from .adapters import get_adapter
 from .graph import Family
 from .obs import DAMP, consumer_columns, damped, obs_select
-from .obs_allocation import layer_grams
+from .obs_allocation import consumer_names, layer_grams
 from .stream.states import Feed, capture, swapped
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def measured_curves(model: nn.Module, families: list[Family], examples: torch.Te
             states.append(call(layer, states[-1]))
         batches.append((ids, call, states, _logprobs(model, layers, ids, states[-1], call.as_tuple)))
     cons = consumers(model, families)
-    consumer_of = {f.key: next(m.param for m in f.members if m.dim == 1 and m.param in cons) for f in families}
+    consumer_of = consumer_names(families, cons)
     params = dict(model.named_parameters())
     curves: dict[str, list[float]] = {}
     progress = tqdm(total=len(families), desc="measured allocation", leave=False)

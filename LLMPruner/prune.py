@@ -26,7 +26,7 @@ from .budget import BudgetCriterion, choose_by_budget, non_embedding_parameters
 from .compensate import Compensation, add_biases, compensate
 from .depth import LayerImportance, choose_layers
 from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
-from .graph import discover
+from .graph import Family, discover
 from .heads import head_family, rank_family
 from .obs import DAMP, Selection, check_selection, obs_reselect
 from .obs_allocation import Allocation, obs_counts
@@ -206,15 +206,17 @@ def check_refit_tokens(num_examples: int, seq_len: int, widest: int, compensatio
             f"--calibration_seq_len 128) or use --compensation none")
 
 
-def widest_input(model: nn.Module) -> int:
-    """The widest input of a linear layer inside the decoder layers (what a refit may have to fit)."""
+def widest_input(model: nn.Module, targets: list[Family] | None = None) -> int:
+    """The widest input of a linear layer inside the decoder layers (what a refit may have to fit), or,
+    with ``targets``, of one that loses input channels to them (a refit's Gram is its square)."""
+    if targets is not None:
+        return max((m.in_features for m in consumers(model, targets).values()), default=0)
     layers = get_adapter(model).decoder_layers(model)
     return max((m.in_features for m in layers.modules() if isinstance(m, nn.Linear)), default=0)
 
 
 def _check_tokens(model, targets, examples) -> None:
-    widest = max((m.in_features for m in consumers(model, targets).values()), default=0)
-    check_refit_tokens(examples.shape[0], examples.shape[1], widest)
+    check_refit_tokens(examples.shape[0], examples.shape[1], widest_input(model, targets))
 
 
 def _single_heads(targets):

@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..activations import consumers
 from ..adapters import get_adapter
 from ..budget import choose_by_budget, non_embedding_parameters
 from ..checkpoint import save_pruned
 from ..compensate import Compensation
 from ..estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
 from ..plan import PruningPlan
-from ..prune import ACTIVATION_PRUNERS, Mode, _check, _check_tokens, _targets
+from ..prune import ACTIVATION_PRUNERS, Mode, _check, _check_tokens, _targets, widest_input
 from ..select import choose, make_plan
 from ..structure import ModelStructure
 from .apply import PassOptions, streamed_apply
@@ -99,7 +98,7 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
             _check_tokens(model, targets, examples)  # as in memory: a rank-deficient refit is refused
         _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device,
                       candidates=2 if sequential else 1,
-                      stats_width=_widest(model, targets) if compensation in ("refit", "refit_oneshot") else 0)
+                      stats_width=widest_input(model, targets) if compensation in ("refit", "refit_oneshot") else 0)
     # --compensation refit is the in-memory sequential refit (layer i refit on the outputs of the pruned
     # layers 0..i-1, sequential.refit_sequential_layer); refit_oneshot and bias use the dense model's
     # statistics, as in memory. ``sequential`` (--offload_sequential) runs any compensation on the pruned
@@ -193,11 +192,6 @@ def streamed_magnitude_scores(model, source, targets, p: int, opts: PassOptions)
                     for d in needed[n]})
         part.release()
     return out
-
-
-def _widest(model: nn.Module, targets) -> int:
-    """The widest input of a linear layer that loses input channels (the refit's Gram is its square)."""
-    return max((m.in_features for m in consumers(model, targets).values()), default=0)
 
 
 def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device,
