@@ -360,8 +360,10 @@ def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_d
         param_budget=args.param_budget, compensation=args.compensation, ridge=args.ridge,
         sequential=args.offload_sequential, calibration_batch_size=args.calibration_batch_size,
         device=args.device, dtype=DTYPES[args.dtype], max_memory=args.max_memory,
-        offload_states_to_disk=args.offload_states_to_disk,
-        provenance={"base_model": args.base_model, "args": vars(args)}, **ranges)
+        offload_states_to_disk=args.offload_states_to_disk, unit_rounding=args.unit_rounding,
+        budget_criterion=args.budget_criterion, selection=args.selection, obs_damp=args.obs_damp,
+        obs_allocation=args.obs_allocation, reconstruct_steps=args.reconstruct_steps,
+        reconstruct_lr=args.reconstruct_lr, provenance={"base_model": args.base_model, "args": vars(args)}, **ranges)
     results = {"base_model": args.base_model, "params_before": result.params_before,
                "params_after": result.params_after, "ratio": result.params_after / result.params_before,
                "structure": result.structure.to_dict(), "stages": result.peaks, "saved_model": True}

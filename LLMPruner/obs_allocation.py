@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -54,12 +54,31 @@ def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Te
     them all at once, e.g. 24 x 1,536^2 float64 = 453 MB for SmolLM2's MLPs, 31 GB for LLaMA-7B's
     (11,008 wide), 526 GB for Llama-3-70B's. The layers after the last owner are not run."""
     layers = get_adapter(model).decoder_layers(model)
-    owner = {name: _owner(layers, mod, name) for name, mod in cons.items()}
     batches = layer_inputs(model, examples, batch_size)
     hidden, kwargs_of = [h for h, _ in batches], [kw for _, kw in batches]
     del batches                                   # hidden[b] is replaced by each layer's output
+
+    def forward(layer: nn.Module, b: int, h: torch.Tensor) -> torch.Tensor:
+        y = layer(h, **kwargs_of[b])
+        return y[0] if isinstance(y, tuple) else y
+    yield from stream_grams(layers, cons, hidden, forward, normalized)
+
+
+@torch.no_grad()
+def stream_grams(layers: nn.ModuleList, cons: dict[str, nn.Linear], hidden: list[torch.Tensor],
+                 forward: Callable[[nn.Module, int, torch.Tensor], torch.Tensor], normalized: bool = False,
+                 enter: Callable[[int], None] | None = None, leave: Callable[[int], None] | None = None
+                 ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
+    """``layer_grams`` on a given dense stream: ``hidden`` (one tensor per batch, the first layer's
+    inputs, replaced in place by each layer's outputs, kept on their device) goes through ``layers``
+    with ``forward(layer, b, h)``. ``enter(i)`` / ``leave(i)`` run before layer ``i`` and after its
+    tuple has been consumed (the layer-streamed pass loads and releases the layer's weights there, so
+    they are loaded while the caller reads them)."""
+    owner = {name: _owner(layers, mod, name) for name, mod in cons.items()}
     for i, layer in enumerate(tqdm(layers[:max(owner.values()) + 1], desc="OBS allocation statistics",
                                    leave=False)):
+        if enter is not None:
+            enter(i)
         mine = {name: cons[name] for name, li in owner.items() if li == i}
         seen: dict[str, torch.Tensor] = {}
         handles = [mod.register_forward_pre_hook(lambda m, a, name=name: seen.__setitem__(name, a[0].detach()))
@@ -67,9 +86,9 @@ def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Te
         grams: dict[str, torch.Tensor] = {}
         energy = 0.0
         try:
-            for b, kwargs in enumerate(kwargs_of):
-                y = layer(hidden[b], **kwargs)
-                y = hidden[b] = y[0] if isinstance(y, tuple) else y
+            for b in range(len(hidden)):
+                y = forward(layer, b, hidden[b])
+                hidden[b] = y.to(hidden[b].device)
                 if not mine:
                     continue
                 energy += float(y.double().pow(2).sum())
@@ -83,6 +102,9 @@ def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Te
                 handle.remove()
         if mine:
             yield i, grams, energy
+        del grams
+        if leave is not None:
+            leave(i)
 
 
 def consumer_names(families: list[Family], cons: dict[str, nn.Linear]) -> dict[str, str]:
@@ -125,14 +147,20 @@ def allocate(curves: dict[str, list[float]], scale: dict[str, float], total: int
 @torch.no_grad()
 def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                examples: torch.Tensor, how: Allocation, damp: float = DAMP, batch_size: int = 8,
-               max_fraction: float | None = None,
-               fisher: dict[str, torch.Tensor] | None = None) -> dict[str, list[int]]:
+               max_fraction: float | None = None, fisher: dict[str, torch.Tensor] | None = None,
+               grams_of: Callable[[bool], Iterator[tuple[int, dict[str, torch.Tensor], float]]] | None = None
+               ) -> dict[str, list[int]]:
     """Redistribute the units of ``removed`` (``{family: units}``) across ``families`` by scaled OBS
     error; returns ``{family: placeholder units}`` whose *counts* the sequential OBS pass uses. A family
     loses at most ``max_fraction`` of its units (default: 0.6, or the mean fraction removed + 0.15 if
-    that is larger)."""
+    that is larger). ``grams_of(normalized)``: the dense statistics as ``layer_grams`` yields them, from
+    another stream (the layer-streamed pass's ``stream_grams``: each layer's consumer weights are read
+    while its tuple is current); by default ``layer_grams`` on ``model``."""
     if how == "uniform":
         return removed
+    if grams_of is not None and how in ("kl", "fisher"):
+        raise ValueError(f"--obs_allocation {how} needs the whole model in memory (not with --offload); "
+                         "use residual, normalized or output")
     if how == "fisher" and fisher is None:
         raise ValueError("OBS allocation 'fisher' needs the Fisher factors (obs_fisher.output_fisher)")
     if how not in ALLOCATIONS:
@@ -152,19 +180,21 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
         return {k: list(range(n)) for k, n in counts.items()}
     cons = consumers(model, families)
     consumer_of = consumer_names(families, cons)
-    params = dict(model.named_parameters())
     curves, scale = {}, {}
-    for _, grams, energy in layer_grams(model, cons, examples, batch_size, normalized=how == "normalized"):
+    normalized = how == "normalized"
+    grams = grams_of(normalized) if grams_of is not None else \
+        layer_grams(model, cons, examples, batch_size, normalized=normalized)
+    for _, layer_g, energy in grams:
         for fam in families:  # this layer's families, while its Grams exist
             name = consumer_of[fam.key]
-            if name in grams:
-                w = params[name].detach().double().cpu()
+            if name in layer_g:
+                w = model.get_parameter(name).detach().double().cpu()
                 n = min(fam.n_units - 1, int(max_fraction * fam.n_units))
                 f = fisher.get(name) if fisher else None
-                _, _, curves[fam.key] = obs_select(w, grams[name], consumer_columns(fam, name), n, damp, fisher=f)
+                _, _, curves[fam.key] = obs_select(w, layer_g[name], consumer_columns(fam, name), n, damp, fisher=f)
                 scale[fam.key] = (energy if how == "residual" else 1.0 if how in ("fisher", "normalized")
-                                  else float(((w @ grams[name]) * w).sum()))
-        del grams                                 # before the next layer's are accumulated
+                                  else float(((w @ layer_g[name]) * w).sum()))
+        del layer_g                               # before the next layer's are accumulated
     curves = {f.key: curves[f.key] for f in families}
     counts = allocate(curves, scale, total)
     logger.info("OBS allocation (%s): %s", how, {k: v for k, v in counts.items()})

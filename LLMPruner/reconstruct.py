@@ -103,7 +103,7 @@ def reconstruct_mlp(mlp: nn.Module, dense_mlp: nn.Module, x: torch.Tensor, how: 
     """Fit ``mlp`` (pruned, in place) to ``dense_mlp`` on inputs ``x`` (``[tokens, hidden]``); returns a
     one-line report. Keeps ``mlp`` unchanged unless the held-out (odd-position) error falls."""
     device, dtype = next(mlp.parameters()).device, next(mlp.parameters()).dtype
-    work = copy.deepcopy(mlp).float()
+    work = copy.deepcopy(mlp).float().requires_grad_(True)  # the streamed pass loads frozen weights
     x = x.to(device)
     with torch.no_grad():
         y = torch.cat([dense_mlp(x[i:i + 4096].to(next(dense_mlp.parameters()).dtype)).float()

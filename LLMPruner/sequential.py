@@ -179,8 +179,8 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
                                           target=target)
             final.update(plan.removed_units)
             if reconstruct is not None and reconstruct.steps:
-                _reconstruct(model, adapter, layer, dense_layer, fams, removed, prefix + f"{li}.", forward,
-                             pruned_h, reconstruct)
+                reconstruct_mlps(model, layer, dense_layer, fams, removed, prefix + f"{li}.", forward, pruned_h,
+                                 reconstruct)
         with torch.no_grad():
             new_dense = [forward(dense_layer, b, h) for b, h in enumerate(dense_h)]
             pruned_h = [forward(layer, b, h) for b, h in enumerate(pruned_h)] if diverged else new_dense
@@ -204,9 +204,12 @@ def calibration_loss(model: nn.Module, examples: torch.Tensor, batch_size: int =
     return total / len(examples)
 
 
-def _reconstruct(model, adapter, layer, dense_layer, fams, removed, layer_prefix, forward, pruned_h,
-                 how: Reconstruction) -> None:
-    """Reconstruct the layer's MLP if its channels lost units (``reconstruct.py``)."""
+def reconstruct_mlps(model: nn.Module, layer: nn.Module, dense_layer: nn.Module, fams: list[Family],
+                     removed: dict[str, list[int]], layer_prefix: str, forward: Forward,
+                     pruned_h: Sequence[torch.Tensor], how: Reconstruction) -> None:
+    """Reconstruct the layer's MLP toward ``dense_layer``'s (a copy taken before the refit) on the pruned
+    stream ``pruned_h``, if its channels lost units (``reconstruct.py``); both passes call this."""
+    adapter = get_adapter(model)
     for consumer, group in _by_consumer(model, fams, layer_prefix):
         if adapter.kind_of(consumer) == "mlp" and any(removed.get(f.key) for f in group):
             rel = consumer[len(layer_prefix):].rpartition(".")[0]

@@ -6,9 +6,11 @@
 Each run is a fresh subprocess (its peak resident set, ``VmHWM`` with the pipeline's per-stage resets
 undone by ``LLMPruner.stream.memory.process_peak_rss``, is its own) doing the whole job: load
 (or open) the model, calibrate, score, select, shrink, save. Configurations: Taylor ``param_first`` on the
-protocol's 10 x 64 calibration tokens, and the forward-only setting wanda + 20 % parameter budget + refit on
-48 x 64 C4 tokens (3,072: the fewest a refit of SmolLM2's 1,536-wide MLP inputs accepts), each in memory and
-with ``--offload``; plus the guarded sequential refit (``--offload_sequential``). An "empty" run
+protocol's 10 x 64 calibration tokens, the forward-only setting wanda + 20 % parameter budget + refit on
+48 x 64 C4 tokens (3,072: the fewest a refit of SmolLM2's 1,536-wide MLP inputs accepts), and the README's
+recommended setting (OBS selection, residual allocation, refit; 128 x 128 C4 tokens; 118,589,760 parameters),
+each in memory and with ``--offload``; plus the guarded sequential refit (``--offload_sequential``) of the
+wanda setting. ``--settings`` runs a subset. An "empty" run
 measures the baseline: a process that only imports torch, transformers and LLMPruner (and, printed too, the
 same process once it has loaded the tokenizer, a fixed cost that every run pays). The saved weights
 of each offloaded run are compared with its in-memory twin, tensor by tensor.
@@ -31,9 +33,13 @@ PROTOCOL = SHARED / "data" / "smollm2_protocol.json"
 SETTINGS = {
     "taylor": dict(pruner_type="taylor", taylor="param_first", pruning_ratio=0.25),
     "wanda+budget+refit": dict(pruner_type="wanda", param_budget=0.2, compensation="refit"),
+    # the README's recommended setting at 118,589,760 parameters (MLP channels of layers 4..27)
+    "obs+residual+refit": dict(pruner_type="l2", param_budget=0.14996, compensation="refit", selection="obs",
+                               obs_allocation="residual", attention_layers=range(0), mlp_layers=range(4, 28)),
 }
 # calibration of each setting: the protocol's 10 x 64 ids, or (examples, tokens) of c4_demo.jsonl windows
-CALIBRATION = {"taylor": "protocol", "wanda+budget+refit": (48, 64)}
+CALIBRATION = {"taylor": "protocol", "wanda+budget+refit": (48, 64), "obs+residual+refit": (128, 128)}
+GUARDED = {"wanda+budget+refit"}  # also run with --offload_sequential (OBS has no one-shot candidate to guard)
 
 
 def peak_mb() -> float:
@@ -58,7 +64,7 @@ def child(kind: str, setting: str, folder: str, out: str) -> dict:
     t0 = time.perf_counter()
     examples = calibration(setting, folder)
     kw = dict(SETTINGS[setting])
-    if kw.get("param_budget") is None:
+    if kw.get("param_budget") is None and "mlp_layers" not in kw:
         kw.update(attention_layers=range(3, 29), mlp_layers=range(3, 29))
     if kind == "memory":
         model, tokenizer = LLMPruner.load_model(folder, dtype=torch.float32)
@@ -122,6 +128,8 @@ def convert(tmp: Path) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smollm2", default=None, help="an fp32 SmolLM2 safetensors folder (default: convert the GGUF)")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated settings to run (default: all of {', '.join(SETTINGS)})")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--setting", default="taylor", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -142,8 +150,12 @@ def main() -> None:
         empty = run_child("empty", "taylor", folder, tmp / "empty")["peak_mb"]
         with_tokenizer = run_child("empty+tokenizer", "taylor", folder, tmp / "empty")["peak_mb"]
         rows = []
-        for setting in SETTINGS:
-            kinds = ["memory", "offload"] + (["offload-sequential"] if "refit" in setting else [])
+        chosen = [x for x in args.settings.split(",") if x]
+        unknown = sorted(set(chosen) - set(SETTINGS))
+        if unknown:
+            sys.exit(f"--settings {','.join(unknown)}: choose among {', '.join(SETTINGS)}")
+        for setting in chosen:
+            kinds = ["memory", "offload"] + (["offload-sequential"] if setting in GUARDED else [])
             res = {k: run_child(k, setting, folder, tmp / f"{setting}-{k}") for k in kinds}
             for k in kinds:
                 r = res[k]

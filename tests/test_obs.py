@@ -235,7 +235,6 @@ def test_output_fisher_is_the_sum_of_gradient_outer_products():
     (["--selection", "obs"], "--selection obs with --compensation none"),
     (["--obs_fisher"], "--obs_fisher needs --selection obs"),
     (["--obs_allocation", "fisher"], "--obs_allocation fisher needs --selection obs"),
-    (["--selection", "obs", "--compensation", "refit", "--offload"], "--selection obs (in-memory"),
     (["--selection", "obs", "--compensation", "refit", "--obs_damp", "0"], "--obs_damp 0.0: must be > 0"),
 ])
 def test_cli_refuses_unsupported_obs_combinations(tmp_path, extra, message):

@@ -120,3 +120,19 @@ def test_the_refit_statistics_count_on_the_device_and_are_logged_for_the_host(ca
         with pytest.raises(ValueError, match="--max_memory 64MB: one stage needs about 0.07 GB"):
             _check_memory(model, "64MB", torch.float32, ex, False, False, "cpu", stats_width=4096)  # 4 x 4096^2 B
     assert "widest input (4096 channels) take about 384.0 MB of host memory" in caplog.text
+
+
+def test_reconstruction_and_obs_statistics_count_on_the_device():
+    """``--reconstruct_steps`` under ``--offload``: the widest MLP's float32 copy, gradients and two Adam
+    moments (16 bytes a parameter) and the float32 inputs and targets of its tokens (8 bytes a token and
+    hidden channel); the OBS allocation's Grams are summed in float64 on the device (8 bytes an entry)."""
+    from LLMPruner.stream.pipeline import _check_memory, reconstruct_bytes
+    model = tiny_model()                      # hidden 32, MLP 48: 3 x 32 x 48 = 4,608 parameters per MLP
+    fams = [f for f in discover(model).families if f.kind == "mlp"]
+    ex = torch.zeros(4, 8, dtype=torch.long)  # 32 tokens
+    assert reconstruct_bytes(model, fams, ex) == 16 * 4608 + 8 * 32 * 32
+    assert reconstruct_bytes(model, fams, None) == 16 * 4608
+    _check_memory(model, "64MB", torch.float32, ex, False, False, "cpu", stats_width=2000)   # 16 MB float32
+    with pytest.raises(ValueError, match="--max_memory 64MB"):
+        _check_memory(model, "64MB", torch.float32, ex, False, False, "cpu", stats_width=2000, gram_elem=8,
+                      reconstruct=40 * 2**20)

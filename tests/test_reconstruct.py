@@ -147,7 +147,6 @@ def test_the_checks_name_the_flag():
     (["--reconstruct_steps", "10"], "--reconstruct_steps 10 needs --compensation refit"),
     (["--reconstruct_steps", "-2", "--compensation", "refit"], "--reconstruct_steps -2: must be >= 0"),
     (["--reconstruct_steps", "5", "--compensation", "refit", "--reconstruct_lr", "-1"], "--reconstruct_lr -1.0"),
-    (["--reconstruct_steps", "5", "--compensation", "refit", "--offload"], "--reconstruct_steps (in-memory"),
 ])
 def test_cli_refuses_bad_reconstruction_flags(tmp_path, extra, message):
     argv = ["--base_model", str(tmp_path), "--log_dir", str(tmp_path / "log"), *extra]

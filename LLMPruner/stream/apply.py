@@ -39,7 +39,8 @@ from ..estimate import Grouping, unit_scores
 from ..graph import Family
 from ..plan import PruningPlan
 from ..select import make_plan
-from ..sequential import log_choice, refit_sequential_layer
+from ..reconstruct import Reconstruction
+from ..sequential import Reselect, log_choice, reconstruct_mlps, refit_sequential_layer
 from ..shrink import apply_plan
 from .states import LayerCall, StateStore, capture, mean_head_loss
 from .weights import Part, WeightSource, layers_prefix
@@ -58,7 +59,9 @@ class PassOptions:
     compensation: Compensation = "none"
     ridge: float = 1e-3                # the one-shot refit's
     refit_ridge: float | None = None   # the sequential refit's (None: chosen on held-out tokens)
-    reselect: str | None = None        # the sequential refit re-chooses units on its inputs (wanda/fluctuation)
+    reselect: str | Reselect | None = None  # the sequential refit re-chooses units on its inputs (wanda,
+    #                                         fluctuation, or a callable such as obs.obs_reselect())
+    reconstruct: Reconstruction | None = None  # with refit: Adam steps on each pruned MLP (reconstruct.py)
     sequential: bool = False
     guard: bool = False                # with sequential: build the one-shot candidate too, keep the better
     metric: str | None = None          # "wanda"/"fluctuation": score and select each layer in the pass
@@ -222,9 +225,15 @@ def _sequential_layer(model, prefix, i, layer, fams, mine: PruningPlan, names, x
 
         def forward(module, b, h):
             return calls[len(h)](module, h.to(opts.device))
-        return refit_sequential_layer(model, layer, None, fams, mine.removed_units, forward, None, chunks,
-                                      f"{prefix}.{i}.", ridge=opts.refit_ridge, reselect=opts.reselect,
-                                      grouping=opts.grouping)
+        steps = opts.reconstruct is not None and opts.reconstruct.steps > 0
+        dense_copy = copy.deepcopy(layer) if steps else None  # the reconstruction's target, as in memory
+        out = refit_sequential_layer(model, layer, None, fams, mine.removed_units, forward, None, chunks,
+                                     f"{prefix}.{i}.", ridge=opts.refit_ridge, reselect=opts.reselect,
+                                     grouping=opts.grouping)
+        if steps:
+            reconstruct_mlps(model, layer, dense_copy, fams, mine.removed_units, f"{prefix}.{i}.", forward, chunks,
+                             opts.reconstruct)
+        return out
     stats, _ = layer_stats(model, layer, names, x, calls, opts, gram=opts.compensation == "refit_oneshot")
     if opts.metric is not None and select is not None:
         scores = unit_scores(fams, activation_channel_scores(model, fams, stats, opts.metric), opts.grouping)

@@ -20,12 +20,19 @@ import torch.nn as nn
 from ..adapters import get_adapter
 from ..budget import choose_by_budget, non_embedding_parameters
 from ..checkpoint import save_pruned
+from ..activations import consumers
+from ..budget import BudgetCriterion
 from ..compensate import Compensation
+from ..obs import DAMP, Selection, check_selection, obs_reselect
+from ..obs_allocation import Allocation, obs_counts
+from ..reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
+from ..select import Rounding
 from ..estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
 from ..plan import PruningPlan
 from ..prune import ACTIVATION_PRUNERS, Mode, _check, _check_tokens, _targets, widest_input
 from ..select import choose, make_plan
 from ..structure import ModelStructure
+from .allocation import streamed_grams
 from .apply import PassOptions, streamed_apply
 from .discover import discover_streamed
 from .memory import parse_memory, process_peak_rss, return_freed_memory, stage
@@ -82,9 +89,23 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
                     ridge: float | None = None, sequential: bool = False, calibration_batch_size: int = 8,
                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     max_memory: str | int | None = None, offload_states_to_disk: bool = False,
-                    provenance: dict | None = None) -> OffloadResult:
-    """Prune a model that is never loaded whole; with ``save_to``, write the pruned checkpoint there."""
+                    provenance: dict | None = None, unit_rounding: Rounding = "reference",
+                    budget_criterion: BudgetCriterion = "uniform", selection: Selection = "score",
+                    obs_damp: float = DAMP, obs_allocation: Allocation = "uniform",
+                    obs_max_fraction: float | None = None, reconstruct_steps: int = 0,
+                    reconstruct_lr: float = RECONSTRUCT_LR) -> OffloadResult:
+    """Prune a model that is never loaded whole; with ``save_to``, write the pruned checkpoint there.
+    ``selection="obs"``, ``obs_allocation`` (not ``kl``/``fisher``) and ``reconstruct_steps`` mean what they
+    mean in ``prune.prune``, in the same sequential pass (``compensation="refit"``)."""
     _check(pruning_ratio, 1, pruner_type, param_budget, examples, compensation)
+    check_selection(selection, compensation)
+    check_reconstruction(reconstruct_steps, reconstruct_lr, compensation)
+    if selection == "obs" and sequential:
+        raise ValueError("--offload_sequential with --selection obs: the guard keeps the better of the sequential "
+                         "and the one-shot model, and OBS selection has no one-shot model; drop one of them")
+    if obs_allocation in ("kl", "fisher"):
+        raise ValueError(f"--obs_allocation {obs_allocation} with --offload: it needs the whole model in memory "
+                         "(a backward pass or a forward per level); use residual, normalized or output")
     if mode not in ("block_wise", "channel_wise"):
         raise ValueError(f"--offload with mode {mode!r}: choose block_wise or channel_wise "
                          "(--layer_wise keeps whole layers: prune without --offload)")
@@ -97,8 +118,11 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
         if compensation in ("refit", "refit_oneshot"):
             _check_tokens(model, targets, examples)  # as in memory: a rank-deficient refit is refused
         _check_memory(model, max_memory, dtype, examples, pruner_type == "taylor", mode == "channel_wise", device,
-                      candidates=2 if sequential else 1,
-                      stats_width=widest_input(model, targets) if compensation in ("refit", "refit_oneshot") else 0)
+                      candidates=2 if sequential or reconstruct_steps else 1,
+                      stats_width=widest_input(model, targets) if compensation in ("refit", "refit_oneshot") else 0,
+                      reconstruct=reconstruct_bytes(model, targets, examples) if reconstruct_steps else 0,
+                      gram_elem=8 if compensation == "refit_oneshot" or obs_allocation != "uniform" else 4,
+                      host_grams=5 if selection == "obs" else 3)
     # --compensation refit is the in-memory sequential refit (layer i refit on the outputs of the pruned
     # layers 0..i-1, sequential.refit_sequential_layer); refit_oneshot and bias use the dense model's
     # statistics, as in memory. ``sequential`` (--offload_sequential) runs any compensation on the pruned
@@ -111,15 +135,18 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
                        ridge=1e-3 if ridge is None else ridge, refit_ridge=ridge,
                        reselect=pruner_type if pruner_type in ACTIVATION_PRUNERS else None,
                        sequential=sequential or compensation == "refit", guard=sequential,
-                       grouping=grouping_strategy)
+                       grouping=grouping_strategy,
+                       reconstruct=Reconstruction(reconstruct_steps, reconstruct_lr, seed=seed) if reconstruct_steps
+                       else None)
     width = pruning_ratio if param_budget is None else param_budget
     per_layer = pruner_type in ACTIVATION_PRUNERS and not global_pruning and param_budget is None \
         and mode == "block_wise"
 
-    def select(fams, scores):
+    def select(fams, scores):  # prune.prune's choice, for its first (only) step
         if param_budget is not None:
-            return choose_by_budget(model, fams, scores, int(width * non_embedding_parameters(model)), round_to)
-        return choose(fams, scores, width, global_pruning, round_to)
+            return choose_by_budget(model, fams, scores, int(width * non_embedding_parameters(model)), round_to,
+                                    budget_criterion, bias_compensation=compensation == "bias")
+        return choose(fams, scores, width, global_pruning, round_to, rounding=unit_rounding)
 
     plan = None
     if targets and width > 0 and not per_layer:
@@ -129,6 +156,11 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
             plan = make_plan(model, targets, select(targets, scores))
     elif not targets or width == 0:
         plan = PruningPlan()
+    if selection == "obs" and targets and width > 0:
+        with stage("obs allocation", device, peaks):
+            plan = _obs_counts(model, source, targets, plan, select, examples, opts, obs_allocation, obs_damp,
+                               obs_max_fraction)
+        opts.reselect, per_layer = obs_reselect(obs_damp), False  # OBS chooses the units in the pass
     if save_to is not None:
         Path(save_to).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".llmpruner-stream-", dir=save_to)) if save_to is not None else None
@@ -155,6 +187,31 @@ def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | P
                 peaks["whole process"]["peak_host_rss_mb"])
     return OffloadResult(plan=plan, structure=structure, folder=folder, peaks=peaks, params_before=params_before,
                          params_after=sum(p.numel() for p in model.parameters()))
+
+
+def _obs_counts(model, source, targets, plan: PruningPlan | None, select, examples, opts: PassOptions, how,
+                damp, max_fraction) -> PruningPlan:
+    """How many units each family loses under ``--selection obs`` (which ones, the sequential pass's OBS
+    chooses): the plan's counts (per-layer activation selection: the ratio's, which do not depend on the
+    scores), moved between layers by ``obs_allocation.obs_counts`` on the streamed dense statistics."""
+    if plan is None:
+        plan = make_plan(model, targets, select(targets, {f.key: torch.zeros(f.n_units) for f in targets}))
+    removed = obs_counts(model, targets, plan.removed_units, examples, how, damp, opts.batch_size,
+                         max_fraction=max_fraction,
+                         grams_of=lambda normalized: streamed_grams(model, source, targets, examples, opts, normalized))
+    return make_plan(model, targets, removed)
+
+
+def reconstruct_bytes(model: nn.Module, targets, examples: torch.Tensor | None) -> int:
+    """Device memory ``--reconstruct_steps`` adds to a layer's stage beyond the dense copy of the layer
+    (counted as a second candidate): the widest MLP's float32 working copy, gradients and Adam's two
+    moments, and the float32 inputs and targets of at most ``reconstruct.MAX_TOKENS`` tokens."""
+    from ..reconstruct import MAX_TOKENS
+    mlps = {n.rpartition(".")[0].rpartition(".")[0] for n in consumers(model, targets)
+            if get_adapter(model).kind_of(n) == "mlp"}
+    widest = max((sum(p.numel() for p in model.get_submodule(m).parameters()) for m in mlps), default=0)
+    tokens = 0 if examples is None else min(examples.numel(), MAX_TOKENS)
+    return 16 * widest + 8 * tokens * model.config.hidden_size
 
 
 def _scores(model, source, targets, pruner_type, taylor, grouping, examples, seed, opts, to_disk):
@@ -195,13 +252,17 @@ def streamed_magnitude_scores(model, source, targets, p: int, opts: PassOptions)
 
 
 def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device,
-                  candidates: int = 1, stats_width: int = 0) -> None:
+                  candidates: int = 1, stats_width: int = 0, reconstruct: int = 0, gram_elem: int = 4,
+                  host_grams: int = 3) -> None:
     """The largest part (x2 where it takes gradients: the layers under Taylor, the embeddings/head only when
     the hidden size is scored) plus a few copies of the boundary states must fit ``--max_memory``; with
     two candidates (``--offload_sequential``) a layer and the states are held twice over. ``stats_width``
-    (a refit): one batch's ``x^T x`` of the widest refitted input is made on the device in float32 before
-    it goes to the host, where the float64 Grams of the fit and check halves (and a merged or sliced copy)
-    live: logged, since ``--max_memory`` is the device's."""
+    (a refit): one batch's ``x^T x`` of the widest refitted input is made on the device in float32
+    (``gram_elem`` 4; float64 where the Gram is summed on the device: ``refit_oneshot``'s statistics, the OBS
+    allocation's) before it goes to the host, where ``host_grams`` float64 ``[in, in]`` matrices live (the
+    fit and check halves and a merged or sliced copy; OBS adds its damped inverse and a factor): logged,
+    since ``--max_memory`` is the device's. ``reconstruct``: bytes ``--reconstruct_steps``
+    adds (``reconstruct_bytes``; its dense copy of the layer is the second candidate)."""
     layers = get_adapter(model).decoder_layers(model)
     prefix = layers_prefix(model, layers)
     elem = torch.finfo(dtype).bits // 8 if dtype is not None else 4
@@ -213,10 +274,10 @@ def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_sco
     largest = max(sizes, key=sizes.get)
     states = 0 if examples is None else examples.numel() * model.config.hidden_size * elem
     need = max(sizes[largest], candidates * max(v for k, v in sizes.items() if k != "embeddings/head")) \
-        + 4 * candidates * states + 4 * stats_width ** 2
+        + 4 * candidates * states + gram_elem * stats_width ** 2 + reconstruct
     if stats_width:
         logger.info("offload: the refit's statistics of its widest input (%d channels) take about %.1f MB of host "
-                    "memory per layer (float64 Grams)", stats_width, 3 * 8 * stats_width ** 2 / 2**20)
+                    "memory per layer (float64 Grams)", stats_width, host_grams * 8 * stats_width ** 2 / 2**20)
     logger.info("offload: largest part %s %.1f MB%s; boundary states %.1f MB each; about %.1f MB on %s per stage",
                 largest, sizes[largest] / 2**20, " (gradients included)" if with_grad else "", states / 2**20,
                 need / 2**20, device)
