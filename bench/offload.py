@@ -9,9 +9,9 @@ undone by ``LLMPruner.stream.memory.process_peak_rss``, is its own) doing the wh
 protocol's 10 x 64 calibration tokens, the forward-only setting wanda + 20 % parameter budget + refit on
 48 x 64 C4 tokens (3,072: the fewest a refit of SmolLM2's 1,536-wide MLP inputs accepts), and the README's
 recommended setting (OBS selection, residual allocation, refit; 128 x 128 C4 tokens; 118,589,760 parameters),
-each in memory and with ``--offload``; plus the guarded sequential refit (``--offload_sequential``) of the
-wanda setting. ``--settings`` runs a subset. An "empty" run
-measures the baseline: a process that only imports torch, transformers and LLMPruner (and, printed too, the
+without and with ``--reconstruct_steps 200``, each in memory and with ``--offload``; plus the guarded
+sequential refit (``--offload_sequential``) of the wanda setting. ``--settings`` runs a subset. An "empty"
+run measures the baseline: a process that only imports torch, transformers and LLMPruner (and, printed too, the
 same process once it has loaded the tokenizer, a fixed cost that every run pays). The saved weights
 of each offloaded run are compared with its in-memory twin, tensor by tensor.
 """
@@ -37,8 +37,10 @@ SETTINGS = {
     "obs+residual+refit": dict(pruner_type="l2", param_budget=0.14996, compensation="refit", selection="obs",
                                obs_allocation="residual", attention_layers=range(0), mlp_layers=range(4, 28)),
 }
+SETTINGS["obs+residual+refit+reconstruct"] = dict(SETTINGS["obs+residual+refit"], reconstruct_steps=200)
 # calibration of each setting: the protocol's 10 x 64 ids, or (examples, tokens) of c4_demo.jsonl windows
-CALIBRATION = {"taylor": "protocol", "wanda+budget+refit": (48, 64), "obs+residual+refit": (128, 128)}
+CALIBRATION = {"taylor": "protocol", "wanda+budget+refit": (48, 64), "obs+residual+refit": (128, 128),
+               "obs+residual+refit+reconstruct": (128, 128)}
 GUARDED = {"wanda+budget+refit"}  # also run with --offload_sequential (OBS has no one-shot candidate to guard)
 
 

@@ -166,3 +166,20 @@ def test_cli_offloaded_recommended_setting_equals_the_in_memory_run(tmp_path):
     assert results[1]["ppl_after"][str(tiny)] == pytest.approx(results[0]["ppl_after"][str(tiny)], rel=1e-4)
     log = (folders["off"] / "prune.log").read_text()
     assert "OBS allocation (residual)" in log and "reconstruction" in log
+
+
+def test_offloaded_obs_in_bfloat16_with_states_on_disk_saves_a_model_that_loads(tmp_path):
+    """The user's large-model run: bfloat16 layers, boundary states in files, allocation and reconstruction;
+    the saved model has the planned shapes and finite logits, and the temporary state files are gone."""
+    from LLMPruner import load_pruned
+    common = dict(pruner_type="l2", param_budget=0.2, compensation="refit", selection="obs",
+                  obs_allocation="residual", reconstruct_steps=4, examples=EXAMPLES, calibration_batch_size=4,
+                  **MLP_ONLY)
+    streamed = prune_offloaded(_pair_model(), save_to=tmp_path / "off", dtype=torch.bfloat16,
+                               offload_states_to_disk=True, **common)
+    model, _ = load_pruned(tmp_path / "off")
+    kept = {i: layer.mlp.down_proj.in_features for i, layer in enumerate(model.model.layers)}
+    assert kept == {i: 48 - len(streamed.plan.removed_units.get(f"mlp@{i}", [])) for i in range(4)}
+    assert sum(48 - k for k in kept.values()) > 0
+    assert torch.isfinite(model(EXAMPLES[:2]).logits).all()
+    assert not list(tmp_path.glob("**/llmpruner-states-*")) and not list((tmp_path / "off").glob(".llmpruner-*"))
