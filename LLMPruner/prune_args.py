@@ -128,7 +128,7 @@ def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
                    "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,
                    "--test_before_train": args.test_before_train,
                    "--save_gguf (run export.py on the saved folder)": args.save_gguf,
-                   "--query_heads": args.query_heads,
+                   "--query_heads (not built into the layer-streamed pass)": args.query_heads,
                    "--obs_fisher (a backward pass through the whole model)": args.obs_fisher,
                    f"--obs_allocation {args.obs_allocation} (use residual, normalized or output)":
                        args.obs_allocation in ("kl", "fisher")}
@@ -137,5 +137,5 @@ def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error("--offload_sequential with --selection obs: the guard keeps the better of the sequential and "
                 "the one-shot model, and OBS selection has no one-shot model; drop one of them")
     if bad:
-        p.error(f"--offload cannot be combined with {', '.join(bad)} (they need the whole model in memory); "
-                "drop them or prune without --offload")
+        p.error(f"--offload cannot be combined with {', '.join(bad)} (the layer-streamed pass never holds the "
+                "whole model); drop them or prune without --offload")

@@ -55,32 +55,42 @@ class OffloadResult:
 
 
 def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, allow_pickle: bool = False):
-    """``(folder or CPU model, tokenizer, config)`` for ``prune_offloaded``: a uniform safetensors folder is
-    streamed from disk; anything else (GGUF, Meta layout, a Hub id) is loaded once on the CPU, and its
-    CPU copy is the source (host memory, but never more than one layer on the device)."""
+    """``(folder, GGUF source or CPU model, tokenizer, config)`` for ``prune_offloaded``: a uniform
+    safetensors folder is streamed from disk, a uniform llama GGUF one dequantised tensor at a time
+    (``gguf_source.GGUFSource``); anything else (other GGUFs, Meta layout, a Hub id) is loaded once on the
+    CPU, and its CPU copy is the source (host memory, but never more than one layer on the device)."""
     from transformers import AutoConfig, AutoTokenizer
     from ..checkpoint import load_model
+    from ..checkpoint.gguf_in import gguf_file_of
+    from .gguf_source import open_gguf
     from .weights import is_safetensors_folder
     if is_safetensors_folder(name_or_path):
         config = AutoConfig.from_pretrained(name_or_path)
         if not getattr(config, "layer_shapes", None):
             get_adapter(config)
             return Path(name_or_path), AutoTokenizer.from_pretrained(name_or_path), config
-    logger.warning("--offload: %s is not a uniform safetensors folder; loading it once on the CPU and "
-                   "streaming layers from that copy", name_or_path)
+    gguf_file = gguf_file_of(Path(name_or_path)) if Path(name_or_path).exists() else None
+    opened = open_gguf(gguf_file) if gguf_file is not None else None
+    if opened is not None:
+        return opened
+    logger.warning("--offload: %s is not a uniform safetensors folder or llama GGUF; loading it once on the CPU "
+                   "and streaming layers from that copy", name_or_path)
     model, tokenizer = load_model(name_or_path, device="cpu", dtype=dtype, allow_pickle=allow_pickle)
     return model, tokenizer, model.config
 
 
-def open_model(model_or_folder: nn.Module | str | Path) -> tuple[nn.Module, WeightSource]:
-    """A meta-device skeleton and where its weights are: a safetensors folder, or a model's CPU copy."""
+def open_model(model_or_folder: nn.Module | WeightSource | str | Path) -> tuple[nn.Module, WeightSource]:
+    """A meta-device skeleton and where its weights are: a safetensors folder, a model's CPU copy, or a
+    source that carries its ``config`` (``GGUFSource``)."""
+    if isinstance(model_or_folder, WeightSource):
+        return skeleton(copy.deepcopy(model_or_folder.config)), model_or_folder
     if isinstance(model_or_folder, nn.Module):
         skel = skeleton(copy.deepcopy(model_or_folder.config))  # the pass rewrites the skeleton's config
         return skel, StateDictSource.of(model_or_folder)
     return skeleton_from_folder(model_or_folder), SafetensorsSource(model_or_folder)
 
 
-def prune_offloaded(model_or_folder: nn.Module | str | Path, *, save_to: str | Path | None = None, tokenizer=None,
+def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, save_to: str | Path | None = None, tokenizer=None,
                     mode: Mode = "block_wise", pruning_ratio: float = 0.5, pruner_type: str = "l2",
                     taylor: TaylorMode = "param_first", grouping_strategy: Grouping = "sum",
                     attention_layers: range | None = None, mlp_layers: range | None = None,
