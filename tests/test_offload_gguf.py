@@ -69,3 +69,18 @@ def test_cli_offload_from_a_gguf_streams_it_and_saves_a_model_that_loads(stories
     assert "(GGUF) one tensor at a time" in proc.stderr and "loading it once on the CPU" not in proc.stderr
     model, _ = load_model(folder)
     assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == [129] * 5  # the reference's rounding
+
+
+@pytest.mark.slow
+def test_smollm2_q4_1_gguf_streams_the_tensors_transformers_dequantises():
+    """The real file: Q8_0 embedding, Q4_1 matrices, f32 norms, 9 query heads in 3 KV groups (q/k rotary rows)."""
+    folder = need_shared("models", "SmolLM2-135M-Instruct-Q4_1")
+    source, _, config = open_source(folder)
+    assert isinstance(source, GGUFSource) and config.num_key_value_heads == 3
+    loaded, _ = load_model(folder, dtype=torch.float32)
+    params = dict(loaded.named_parameters())
+    assert source.keys() == set(params)
+    for name in ("model.embed_tokens.weight", "model.layers.7.self_attn.q_proj.weight",
+                 "model.layers.7.self_attn.k_proj.weight", "model.layers.7.mlp.down_proj.weight",
+                 "model.layers.29.post_attention_layernorm.weight", "model.norm.weight"):
+        torch.testing.assert_close(source.get(name), params[name].detach(), rtol=0, atol=0, msg=name)
