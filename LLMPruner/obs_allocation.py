@@ -155,12 +155,10 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
     loses at most ``max_fraction`` of its units (default: 0.6, or the mean fraction removed + 0.15 if
     that is larger). ``grams_of(normalized)``: the dense statistics as ``layer_grams`` yields them, from
     another stream (the layer-streamed pass's ``stream_grams``: each layer's consumer weights are read
-    while its tuple is current); by default ``layer_grams`` on ``model``."""
+    while its tuple is current; not with ``kl``/``fisher``, which need the loaded model); by default
+    ``layer_grams`` on ``model``."""
     if how == "uniform":
         return removed
-    if grams_of is not None and how in ("kl", "fisher"):
-        raise ValueError(f"--obs_allocation {how} needs the whole model in memory (not with --offload); "
-                         "use residual, normalized or output")
     if how == "fisher" and fisher is None:
         raise ValueError("OBS allocation 'fisher' needs the Fisher factors (obs_fisher.output_fisher)")
     if how not in ALLOCATIONS:

@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, need_shared, tiny_model
 from LLMPruner.checkpoint import load_model, save_pruned
-from LLMPruner.checkpoint.gguf_layers import _rotate_half_rows
+from LLMPruner.checkpoint.gguf_layers import rotate_half_rows
 from LLMPruner.export import GGUFExportError, choose_target, export_gguf
 from LLMPruner.export.gguf_out import _interleave_rotary
 from LLMPruner.prune import prune
@@ -41,7 +41,7 @@ def test_rotary_rows_hand_computed():
     rows = torch.arange(8.0).reshape(8, 1)  # two heads of head_dim 4
     assert _interleave_rotary(rows, 4).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
     w = torch.randn(12, 5)
-    assert torch.equal(_rotate_half_rows(_interleave_rotary(w, 6), 6), w)
+    assert torch.equal(rotate_half_rows(_interleave_rotary(w, 6), 6), w)
     assert torch.equal(_interleave_rotary(torch.arange(4.0), 4), torch.tensor([0.0, 2, 1, 3]))  # biases
 
 

@@ -32,13 +32,14 @@ def has_per_layer_shapes(file: Path) -> bool:
         reader = gguf.GGUFReader(file)
     except (ValueError, OSError):
         return False  # not a GGUF at all: transformers' reader reports it
-    arch = _field(reader, "general.architecture")
-    if arch == "deci" or any(isinstance(_field(reader, f"{arch}.{k}"), list) for k in PER_LAYER_KEYS):
+    arch = gguf_field(reader, "general.architecture")
+    if arch == "deci" or any(isinstance(gguf_field(reader, f"{arch}.{k}"), list) for k in PER_LAYER_KEYS):
         return True
-    if _field(reader, UNPADDED_KEY) is not None:
+    if gguf_field(reader, UNPADDED_KEY) is not None:
         return True
-    heads, head_dim = _field(reader, f"{arch}.attention.head_count"), _field(reader, f"{arch}.attention.key_length")
-    hidden = _field(reader, f"{arch}.embedding_length")
+    heads = gguf_field(reader, f"{arch}.attention.head_count")
+    head_dim = gguf_field(reader, f"{arch}.attention.key_length")
+    hidden = gguf_field(reader, f"{arch}.embedding_length")
     return arch in READABLE and None not in (heads, head_dim, hidden) and heads * head_dim != hidden
 
 
@@ -46,25 +47,22 @@ def load_per_layer_gguf(file: Path, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` from a GGUF whose layers may each have their own shape."""
     import gguf
     reader = gguf.GGUFReader(file)
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in READABLE:
         raise CheckpointError(f"{file}: GGUF architecture {arch!r} with per-layer shapes; readable: {READABLE}")
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
         raise CheckpointError(f"{file}: a rope_freqs tensor (Llama 3.1 RoPE scaling) is not read back here")
-    unpadded = _field(reader, UNPADDED_KEY)
+    unpadded = gguf_field(reader, UNPADDED_KEY)
     config = _config(reader, arch, tensors, unpadded)
-    names = _gguf_to_hf(config, arch)
+    names = gguf_to_hf(config, arch)
     head_dim = config.head_dim
     state_dict = {}
     for gguf_name, t in tensors.items():
         hf_name = names.get(gguf_name)
         if hf_name is None:
             raise CheckpointError(f"{file}: tensor {gguf_name!r} has no transformers counterpart")
-        data = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        data = data.reshape([int(d) for d in reversed(t.shape.tolist())])
-        if gguf_name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
-            data = _rotate_half_rows(data, head_dim)
+        data = dequantized(gguf_name, t.data, t.tensor_type, [int(d) for d in reversed(t.shape.tolist())], head_dim)
         if unpadded is not None and gguf_name.startswith("blk."):
             data = _unpad(gguf_name, data, unpadded[int(gguf_name.split(".")[1])])
         state_dict[hf_name] = data.to(dtype)
@@ -73,7 +71,18 @@ def load_per_layer_gguf(file: Path, dtype: torch.dtype = torch.float32):
     return model, _tokenizer(file)
 
 
-def _field(reader, key: str):
+ROTARY = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
+
+
+def dequantized(gguf_name: str, data: np.ndarray, qtype, shape: list[int], head_dim: int) -> torch.Tensor:
+    """One GGUF tensor as transformers holds it: ``data`` (the reader's array) dequantised to float32 by
+    gguf-py, in torch's ``shape``, q/k rows turned back from llama.cpp's interleaved rotary layout."""
+    import gguf
+    t = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)).reshape(shape)
+    return rotate_half_rows(t, head_dim) if gguf_name.endswith(ROTARY) else t
+
+
+def gguf_field(reader, key: str):
     field = reader.fields.get(key)
     if field is None:
         return None
@@ -97,7 +106,7 @@ def _config(reader, arch: str, tensors: dict, unpadded: list[int] | None = None)
     from transformers import LlamaConfig
 
     def key(name: str, default=None):
-        value = _field(reader, f"{arch}.{name}")
+        value = gguf_field(reader, f"{arch}.{name}")
         return default if value is None else value
 
     n_layers = int(key("block_count"))
@@ -113,7 +122,7 @@ def _config(reader, arch: str, tensors: dict, unpadded: list[int] | None = None)
     rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))}
     if key("rope.scaling.type") == "linear" and key("rope.scaling.factor"):
         rope = {**rope, "rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
-    tok = lambda k: _field(reader, f"tokenizer.ggml.{k}")  # noqa: E731
+    tok = lambda k: gguf_field(reader, f"tokenizer.ggml.{k}")  # noqa: E731
     config = LlamaConfig(  # heads set below: LlamaConfig refuses hidden % heads != 0, which pruning makes
         vocab_size=int(key("vocab_size", len(tok("tokens") or []))), hidden_size=hidden, num_hidden_layers=n_layers,
         num_attention_heads=1, num_key_value_heads=1, head_dim=head_dim,
@@ -129,7 +138,7 @@ def _config(reader, arch: str, tensors: dict, unpadded: list[int] | None = None)
     return config
 
 
-def _gguf_to_hf(config, arch: str) -> dict[str, str]:
+def gguf_to_hf(config, arch: str) -> dict[str, str]:
     """GGUF tensor name -> transformers parameter name, for every parameter of the stock model."""
     import gguf
     from accelerate import init_empty_weights
@@ -146,7 +155,7 @@ def _gguf_to_hf(config, arch: str) -> dict[str, str]:
     return out
 
 
-def _rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+def rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Inverse of the exporter's ``_interleave_rotary``: rows [x0, y0, x1, y1, ...] -> [x0, x1, ..., y0, y1, ...]."""
     rest = w.shape[1:]
     return w.reshape(-1, head_dim // 2, 2, *rest).transpose(1, 2).reshape(w.shape)

@@ -19,13 +19,10 @@ import numpy as np
 import torch
 
 from ..checkpoint.build import CheckpointError
-from ..checkpoint.gguf_layers import _field, _gguf_to_hf, _rotate_half_rows
+from ..checkpoint.gguf_layers import dequantized, gguf_field, gguf_to_hf
 from .weights import WeightSource
 
 logger = logging.getLogger(__name__)
-
-ROTARY = ("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")
-
 
 class GGUFSource(WeightSource):
     """The tensors of a uniform ``llama`` GGUF ``file`` by the stock model's parameter names, each read and
@@ -35,10 +32,10 @@ class GGUFSource(WeightSource):
         import gguf
         self.file, self.config = Path(file), config
         reader = gguf.GGUFReader(self.file)
-        arch = _field(reader, "general.architecture")
+        arch = gguf_field(reader, "general.architecture")
         if arch != "llama":
             raise CheckpointError(f"{self.file}: GGUF architecture {arch!r} is not streamed (llama only)")
-        names = _gguf_to_hf(config, arch)
+        names = gguf_to_hf(config, arch)
         unknown = [t.name for t in reader.tensors if t.name not in names]
         if unknown:
             raise CheckpointError(f"{self.file}: tensors {unknown[:3]} have no transformers counterpart here")
@@ -54,7 +51,6 @@ class GGUFSource(WeightSource):
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        import gguf
         gguf_name, qtype, dtype, shape, offset, nbytes, torch_shape = self._where[name]
         raw = np.empty(nbytes, dtype=np.uint8)
         with open(self.file, "rb") as fh:
@@ -62,11 +58,7 @@ class GGUFSource(WeightSource):
             got = fh.readinto(memoryview(raw))
         if got != nbytes:
             raise CheckpointError(f"{self.file}: tensor {gguf_name!r} truncated ({got} of {nbytes} bytes)")
-        data = gguf.quants.dequantize(raw.view(dtype).reshape(shape), qtype)
-        t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(torch_shape)
-        if gguf_name.endswith(ROTARY):
-            t = _rotate_half_rows(t, self.head_dim)
-        return t
+        return dequantized(gguf_name, raw.view(dtype).reshape(shape), qtype, torch_shape, self.head_dim)
 
 
 def open_gguf(file: Path):

@@ -17,20 +17,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..adapters import get_adapter
-from ..budget import choose_by_budget, non_embedding_parameters
-from ..checkpoint import save_pruned
 from ..activations import consumers
-from ..budget import BudgetCriterion
+from ..adapters import get_adapter
+from ..budget import BudgetCriterion, choose_by_budget, non_embedding_parameters
+from ..checkpoint import save_pruned
 from ..compensate import Compensation
+from ..estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
 from ..obs import DAMP, Selection, check_selection, obs_reselect
 from ..obs_allocation import Allocation, obs_counts
-from ..reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
-from ..select import Rounding
-from ..estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
 from ..plan import PruningPlan
 from ..prune import ACTIVATION_PRUNERS, Mode, _check, _check_tokens, _targets, widest_input
-from ..select import choose, make_plan
+from ..reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
+from ..select import Rounding, choose, make_plan
 from ..structure import ModelStructure
 from .allocation import streamed_grams
 from .apply import PassOptions, streamed_apply
