@@ -117,6 +117,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     """Flags that name devices, sizes, files and Hub names, checked before anything loads."""
     cli.check_device("--device", args.device)
     cli.check_device("--eval_device", args.eval_device)
+    if args.linalg_device == "auto":
+        args.linalg_device = args.device
+    cli.check_device("--linalg_device", args.linalg_device)
     for flag in ("max_seq_len", "calibration_seq_len", "eval_batch_size", "calibration_batch_size",
                  "iterative_steps"):
         cli.check_min(f"--{flag}", getattr(args, flag), 1)
@@ -198,6 +201,7 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     else:
         model.to(args.device)
     before = count_parameters(model)
+    _log_linalg(args)
     t0 = time.perf_counter()
     mode = "layer_wise" if args.layer_wise else "channel_wise" if args.channel_wise else "block_wise"
     result = prune(model, mode=mode, pruning_ratio=args.pruning_ratio, pruner_type=args.pruner_type,
@@ -209,7 +213,8 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
                    query_heads=args.query_heads, budget_criterion=args.budget_criterion,
                    unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
                    obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher,
-                   reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr, **ranges)
+                   reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
+                   linalg_device=args.linalg_device, **ranges)
     if args.device_map:
         unplace_model(model, args.device)
     after = count_parameters(model)
@@ -347,11 +352,21 @@ def main_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_linalg(args) -> None:
+    """Say where the refit's float64 linear algebra runs when the model is on a GPU and it is not."""
+    if args.compensation == "refit" and torch.device(args.device).type == "cuda" \
+            and torch.device(args.linalg_device).type == "cpu":
+        logger.info("--compensation refit: its float64 statistics, OBS selection and solves run on the host "
+                    "(--linalg_device cpu); --linalg_device auto runs them on %s, much faster on 7B-70B MLPs",
+                    args.device)
+
+
 def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     examples = None
     if args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none":
         examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
                                         args.calibration_seq_len, args.seed)
+    _log_linalg(args)
     result = prune_offloaded(
         model_or_folder, save_to=log_dir, tokenizer=tokenizer,
         mode="channel_wise" if args.channel_wise else "block_wise", pruning_ratio=args.pruning_ratio,
@@ -363,7 +378,7 @@ def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_d
         offload_states_to_disk=args.offload_states_to_disk, unit_rounding=args.unit_rounding,
         budget_criterion=args.budget_criterion, selection=args.selection, obs_damp=args.obs_damp,
         obs_allocation=args.obs_allocation, reconstruct_steps=args.reconstruct_steps,
-        reconstruct_lr=args.reconstruct_lr, provenance={"base_model": args.base_model, "args": vars(args)}, **ranges)
+        reconstruct_lr=args.reconstruct_lr, linalg_device=args.linalg_device, provenance={"base_model": args.base_model, "args": vars(args)}, **ranges)
     results = {"base_model": args.base_model, "params_before": result.params_before,
                "params_after": result.params_after, "ratio": result.params_after / result.params_before,
                "structure": result.structure.to_dict(), "stages": result.peaks, "saved_model": True}

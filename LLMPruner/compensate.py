@@ -79,7 +79,7 @@ def refit_weight(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge:
     """``argmin_V sum_t ||W x_t - V x_t[kept]||^2 + lam ||V||^2`` = ``W G[:, K] (G_KK + lam I)^-1``."""
     g_kk = gram[kept][:, kept]
     lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
-    a = g_kk + lam * torch.eye(len(kept), dtype=gram.dtype)
+    a = g_kk + lam * torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
     rhs = (w @ gram[:, kept]).T                                  # [K, out]
     return torch.linalg.solve(a, rhs).T                          # [out, K]
 
@@ -95,7 +95,8 @@ class CrossStats:
     ``[in, in]`` float64 matrix per half is what dominates the refit's host memory on wide MLPs (3.5 GB
     for Llama-3-70B's 28,672 inputs); ``dense_cross`` reads either. ``extra`` (``[out, in]``, optional) =
     ``sum e x~^T``: an additive output target ``e`` per token (the fit is then ``V x~_K ~ W x + e``; the
-    sequential ``residual`` target puts the residual stream's accumulated error there)."""
+    sequential ``residual`` target puts the residual stream's accumulated error there). The sums live on
+    ``gram.device``: the host by default, the GPU with ``--linalg_device cuda`` (``empty(device=)``)."""
     count: int
     total: torch.Tensor
     gram: torch.Tensor
@@ -103,10 +104,12 @@ class CrossStats:
     extra: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, width: int, dense: bool = True) -> "CrossStats":
-        """Zero statistics of ``width`` inputs; ``dense=False``: no separate dense stream (``x = x~``)."""
-        z = torch.zeros(width, width, dtype=torch.float64)
-        return cls(0, torch.zeros(width, dtype=torch.float64), z, z.clone() if dense else None)
+    def empty(cls, width: int, dense: bool = True, device: str | torch.device | None = None) -> "CrossStats":
+        """Zero statistics of ``width`` inputs on ``device`` (default: the host); ``dense=False``: no
+        separate dense stream (``x = x~``)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        z = torch.zeros(width, width, dtype=torch.float64, device=device)
+        return cls(0, torch.zeros(width, dtype=torch.float64, device=device), z, z.clone() if dense else None)
 
     @property
     def dense_cross(self) -> torch.Tensor:
@@ -130,12 +133,13 @@ class CrossStats:
                              "dense stream (CrossStats.empty(width, dense=True))")
         assert x is None or x.shape == xp.shape, (x.shape, xp.shape)
         self.count += xp.shape[0]
-        self.total += xp.sum(0).cpu().double()          # to the host first: no float64 copy on the device
-        self.gram += (xp.T @ xp).cpu().double()
+        here = self.gram.device                         # moved first: no float64 copy on a device it is not on
+        self.total += xp.sum(0).to(here).double()
+        self.gram += (xp.T @ xp).to(here).double()
         if x is not None:
-            self.cross += (x.T @ xp).cpu().double()
+            self.cross += (x.T @ xp).to(here).double()
         if e is not None:
-            term = (e.T @ xp).cpu().double()
+            term = (e.T @ xp).to(here).double()
             self.extra = term if self.extra is None else self.extra + term
 
 
@@ -173,7 +177,7 @@ def solve_refit(w: torch.Tensor, stats: CrossStats | tuple[CrossStats, ...], kep
     improve (docs/smollm2.md §6)."""
     g_kk, target = _kept_target(w, stats if isinstance(stats, tuple) else (stats,), kept)
     lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
-    a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype)
+    a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype, device=g_kk.device)
     return torch.linalg.solve(a, (target + lam * w[:, kept]).T).T
 
 
@@ -184,7 +188,8 @@ def refit_layer(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: f
     With ``check`` (statistics of held-out calibration tokens) the ridge is chosen from ``RIDGES`` (or
     is ``ridge``) by the held-out reconstruction error, the refit is kept only if it beats plain slicing
     there, and the final solve uses all tokens. Without, the same test runs on ``stats`` itself.
-    Returns the new ``[out, K]`` columns and a one-line report."""
+    Returns the new ``[out, K]`` columns and a one-line report. ``w``, the statistics and ``kept`` share
+    a device (the host, or the GPU with ``--linalg_device``); so do the new columns."""
     judge = check if check is not None else stats
     base = reconstruction_objective(w, w[:, kept], judge, kept)
     tried = {}

@@ -44,9 +44,10 @@ ALLOCATIONS = ("uniform", "residual", "normalized", "output", "fisher", "kl")
 
 @torch.no_grad()
 def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Tensor, batch_size: int,
-                normalized: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
+                normalized: bool = False, device: str | torch.device | None = None
+                ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
     """Per decoder layer that owns consumers, in order: ``(layer, {consumer: dense input Gram}, sum_t
-    ||h_t||^2 of the layer's output)``, the Grams float64 on the host. ``normalized``: each token's
+    ||h_t||^2 of the layer's output)``, the Grams float64 on ``device`` (default: the host). ``normalized``: each token's
     ``x_t x_t^T`` divided by ``ms(h_t)``, the mean square of the layer's output hidden state there.
 
     The dense stream runs layer by layer from the first layer's inputs (``sequential.layer_inputs``),
@@ -61,19 +62,21 @@ def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Te
     def forward(layer: nn.Module, b: int, h: torch.Tensor) -> torch.Tensor:
         y = layer(h, **kwargs_of[b])
         return y[0] if isinstance(y, tuple) else y
-    yield from stream_grams(layers, cons, hidden, forward, normalized)
+    yield from stream_grams(layers, cons, hidden, forward, normalized, device=device)
 
 
 @torch.no_grad()
 def stream_grams(layers: nn.ModuleList, cons: dict[str, nn.Linear], hidden: list[torch.Tensor],
                  forward: Callable[[nn.Module, int, torch.Tensor], torch.Tensor], normalized: bool = False,
-                 enter: Callable[[int], None] | None = None, leave: Callable[[int], None] | None = None
-                 ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
+                 enter: Callable[[int], None] | None = None, leave: Callable[[int], None] | None = None,
+                 device: str | torch.device | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
     """``layer_grams`` on a given dense stream: ``hidden`` (one tensor per batch, the first layer's
     inputs, replaced in place by each layer's outputs, kept on their device) goes through ``layers``
     with ``forward(layer, b, h)``. ``enter(i)`` / ``leave(i)`` run before layer ``i`` and after its
     tuple has been consumed (the layer-streamed pass loads and releases the layer's weights there, so
-    they are loaded while the caller reads them)."""
+    they are loaded while the caller reads them). The Grams are summed where the activations are and
+    kept on ``device`` (default: the host)."""
+    where = torch.device("cpu") if device is None else torch.device(device)
     owner = {name: _owner(layers, mod, name) for name, mod in cons.items()}
     for i, layer in enumerate(tqdm(layers[:max(owner.values()) + 1], desc="OBS allocation statistics",
                                    leave=False)):
@@ -96,7 +99,7 @@ def stream_grams(layers: nn.ModuleList, cons: dict[str, nn.Linear], hidden: list
                 for name in mine:
                     x = seen.pop(name).double()
                     x = (x if w is None else x * w).reshape(-1, x.shape[-1])
-                    grams[name] = grams.get(name, 0) + (x.T @ x).cpu()
+                    grams[name] = grams.get(name, 0) + (x.T @ x).to(where)
         finally:
             for handle in handles:
                 handle.remove()
@@ -148,15 +151,17 @@ def allocate(curves: dict[str, list[float]], scale: dict[str, float], total: int
 def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                examples: torch.Tensor, how: Allocation, damp: float = DAMP, batch_size: int = 8,
                max_fraction: float | None = None, fisher: dict[str, torch.Tensor] | None = None,
-               grams_of: Callable[[bool], Iterator[tuple[int, dict[str, torch.Tensor], float]]] | None = None
-               ) -> dict[str, list[int]]:
+               grams_of: Callable[[bool], Iterator[tuple[int, dict[str, torch.Tensor], float]]] | None = None,
+               device: str | torch.device | None = None) -> dict[str, list[int]]:
     """Redistribute the units of ``removed`` (``{family: units}``) across ``families`` by scaled OBS
     error; returns ``{family: placeholder units}`` whose *counts* the sequential OBS pass uses. A family
     loses at most ``max_fraction`` of its units (default: 0.6, or the mean fraction removed + 0.15 if
     that is larger). ``grams_of(normalized)``: the dense statistics as ``layer_grams`` yields them, from
     another stream (the layer-streamed pass's ``stream_grams``: each layer's consumer weights are read
     while its tuple is current; not with ``kl``/``fisher``, which need the loaded model); by default
-    ``layer_grams`` on ``model``."""
+    ``layer_grams`` on ``model``. ``device``: where the float64 curves are computed (default: the host;
+    ``grams_of`` must then yield its Grams there)."""
+    where = torch.device("cpu") if device is None else torch.device(device)
     if how == "uniform":
         return removed
     if how == "fisher" and fisher is None:
@@ -181,12 +186,12 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
     curves, scale = {}, {}
     normalized = how == "normalized"
     grams = grams_of(normalized) if grams_of is not None else \
-        layer_grams(model, cons, examples, batch_size, normalized=normalized)
+        layer_grams(model, cons, examples, batch_size, normalized=normalized, device=where)
     for _, layer_g, energy in grams:
         for fam in families:  # this layer's families, while its Grams exist
             name = consumer_of[fam.key]
             if name in layer_g:
-                w = model.get_parameter(name).detach().double().cpu()
+                w = model.get_parameter(name).detach().double().to(where)
                 n = min(fam.n_units - 1, int(max_fraction * fam.n_units))
                 f = fisher.get(name) if fisher else None
                 _, _, curves[fam.key] = obs_select(w, layer_g[name], consumer_columns(fam, name), n, damp, fisher=f)

@@ -60,6 +60,12 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
                         "on the calibration tokens, no labels: 200 measured on SmolLM2); 0 = closed form only")
     b.add_argument("--reconstruct_lr", type=float, default=RECONSTRUCT_LR,
                    help="--reconstruct_steps: Adam's learning rate")
+    b.add_argument("--linalg_device", default="cpu",
+                   help="--compensation refit: where its float64 statistics, OBS selection and least-squares "
+                        "solves run: cpu (default, host memory), cuda / cuda:N, or auto (= --device). A GPU is "
+                        "far faster on 7B-70B MLPs (hours of host linear algebra at 70B) and needs about five "
+                        "[in, in] float64 matrices of the widest refitted input there (4.6 GB at 11,008, "
+                        "33 GB at 28,672)")
     b.add_argument("--ridge", type=float, default=None,
                    help="ridge of the refit, relative to the mean Gram diagonal (default: refit chooses it per "
                         "layer on held-out calibration tokens; refit_oneshot uses 1e-3)")
@@ -84,6 +90,9 @@ def check_beyond_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
         p.error(f"--obs_allocation {args.obs_allocation} needs --selection obs")
     if args.obs_fisher and args.selection != "obs":
         p.error("--obs_fisher needs --selection obs")
+    if args.linalg_device != "cpu" and args.compensation != "refit":
+        p.error(f"--linalg_device {args.linalg_device}: only --compensation refit (its statistics, OBS selection and "
+                f"solves) runs float64 linear algebra there, not --compensation {args.compensation}; drop it")
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:

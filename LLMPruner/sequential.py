@@ -81,14 +81,14 @@ def _out(y):
 @torch.no_grad()
 def cross_stats(forward: Forward, dense_layer: nn.Module | None, layer: nn.Module, rel: str,
                 dense_h: Sequence[torch.Tensor], pruned_h: Sequence[torch.Tensor],
-                target: str = "pruned") -> tuple[CrossStats, CrossStats]:
+                target: str = "pruned", device: str | torch.device | None = None) -> tuple[CrossStats, CrossStats]:
     """Run the streams through layer ``L`` and accumulate the statistics of consumer ``rel``'s input:
     (fit, check) from alternate tokens (odd/even positions of every sample: both halves see every text).
     ``target="pruned"`` needs no dense stream (``dense_layer`` may be None). ``target="residual"`` (for
     the layer's last consumer, whose output is added to the layer's output) fits ``W x~`` plus the
     difference of the layer's outputs, dense stream through the dense layer minus pruned stream through
     ``layer`` as it is now: the residual stream's accumulated error, which the refit then cancels where
-    it can."""
+    it can. The statistics are kept on ``device`` (default: the host; ``--linalg_device``)."""
     seen: dict[str, torch.Tensor] = {}
     hooks = [layer.get_submodule(rel).register_forward_pre_hook(lambda m, a: seen.__setitem__("xp", a[0]))]
     if target == "dense":
@@ -103,7 +103,7 @@ def cross_stats(forward: Forward, dense_layer: nn.Module | None, layer: nn.Modul
             e = (yd - yp).float() if target == "residual" else None      # [B, T, hidden]
             d = xp.shape[-1]
             if fit is None:
-                fit, check = (CrossStats.empty(d, dense=x is not None) for _ in range(2))
+                fit, check = (CrossStats.empty(d, dense=x is not None, device=device) for _ in range(2))
             for stats, half in ((fit, slice(0, None, 2)), (check, slice(1, None, 2))):
                 stats.add(None if x is None else x[:, half].reshape(-1, d), xp[:, half].reshape(-1, d),
                           None if e is None else e[:, half].reshape(-1, e.shape[-1]))
@@ -116,16 +116,17 @@ def cross_stats(forward: Forward, dense_layer: nn.Module | None, layer: nn.Modul
 def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.Module | None, fams: list[Family],
                            removed: dict[str, list[int]], forward: Forward, dense_h, pruned_h, layer_prefix: str, *,
                            ridge: float | None = None, reselect: str | Reselect | None = None, grouping: str = "sum",
-                           target: str = "pruned") -> PruningPlan:
+                           target: str = "pruned", linalg_device: str | torch.device | None = None) -> PruningPlan:
     """Layer ``L`` (``layer``, the model's own module, dense on entry) refit and sliced in place, consumer
     by consumer, on the pruned stream ``pruned_h``; returns the layer's plan (its kept indices and the
-    units removed, re-chosen when ``reselect`` names an activation metric)."""
+    units removed, re-chosen when ``reselect`` names an activation metric). ``linalg_device``: where the
+    statistics and the refit's float64 solves live (default: the host)."""
     out = PruningPlan()
     groups = _by_consumer(model, fams, layer_prefix)
     for i, (consumer, group) in enumerate(groups):
         rel = consumer[len(layer_prefix):].rpartition(".")[0]
         kind = target if target != "residual" or (i == len(groups) - 1 and _is_last(layer, rel)) else "pruned"
-        fit, check = cross_stats(forward, dense_layer, layer, rel, dense_h, pruned_h, kind)
+        fit, check = cross_stats(forward, dense_layer, layer, rel, dense_h, pruned_h, kind, linalg_device)
         chosen = {f.key: removed.get(f.key, []) for f in group}
         if callable(reselect):  # e.g. obs.obs_reselect(): (model, group, chosen, consumer, stats)
             chosen = reselect(model, group, chosen, consumer, fit.merged(check))
@@ -134,14 +135,15 @@ def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.M
         plan = make_plan(model, group, chosen)
         out.keep.update(plan.keep)
         out.removed_units.update(plan.removed_units)
-        _refit_and_slice(model, plan, consumer, fit, check, ridge)
+        _refit_and_slice(model, plan, consumer, fit, check, ridge, linalg_device)
     return out
 
 
 def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                      examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
                      reselect: str | Reselect | None = None, grouping: str = "sum",
-                     target: str = "pruned", reconstruct: Reconstruction | None = None) -> dict[str, list[int]]:
+                     target: str = "pruned", reconstruct: Reconstruction | None = None,
+                     linalg_device: str | torch.device | None = None) -> dict[str, list[int]]:
     """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the
     units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
     in each family from the pruned model's own input statistics; a callable ``reselect(model, group,
@@ -152,7 +154,8 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
     (tries to correct upstream error too); ``"residual"`` (the layer's last consumer, e.g. ``down_proj``)
     to ``W x~`` plus the residual stream's error so far (``cross_stats``). ``reconstruct`` (steps > 0) then
     takes gradient steps on each pruned layer's MLP toward the dense MLP on the same inputs
-    (``reconstruct.py``)."""
+    (``reconstruct.py``). ``linalg_device``: where the refit's float64 statistics and solves run (default:
+    the host; ``obs_reselect(device=)`` for OBS's)."""
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers) + "."
@@ -176,7 +179,7 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
             dense_layer, diverged = copy.deepcopy(layer), True
             plan = refit_sequential_layer(model, layer, dense_layer, fams, removed, forward, dense_h, pruned_h,
                                           prefix + f"{li}.", ridge=ridge, reselect=reselect, grouping=grouping,
-                                          target=target)
+                                          target=target, linalg_device=linalg_device)
             final.update(plan.removed_units)
             if reconstruct is not None and reconstruct.steps:
                 reconstruct_mlps(model, layer, dense_layer, fams, removed, prefix + f"{li}.", forward, pruned_h,
@@ -246,13 +249,14 @@ def _reselect(model, group, chosen, consumer, stats: CrossStats, metric, groupin
 
 
 @torch.no_grad()
-def _refit_and_slice(model, plan: PruningPlan, consumer, fit, check, ridge) -> None:
+def _refit_and_slice(model, plan: PruningPlan, consumer, fit, check, ridge, device=None) -> None:
     keep = plan.keep.get(consumer, {}).get(1)
     if keep is None:
         return
     w = dict(model.named_parameters())[consumer]
-    kept = torch.as_tensor(keep)
-    new, report = refit_layer(w.detach().double().cpu(), fit, kept, ridge, check)
+    where = torch.device("cpu") if device is None else torch.device(device)
+    kept = torch.as_tensor(keep, device=where)
+    new, report = refit_layer(w.detach().double().to(where), fit, kept, ridge, check)
     logger.info("%s: %s", consumer, report)
     w[:, kept] = new.to(w.dtype).to(w.device)
     apply_plan(model, plan)

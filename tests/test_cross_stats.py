@@ -79,8 +79,8 @@ class _AlwaysDense(CrossStats):
     """The statistics as they were before: the dense stream stored even when it is the pruned one."""
 
     @classmethod
-    def empty(cls, width: int, dense: bool = True) -> "CrossStats":
-        return super().empty(width, dense=True)
+    def empty(cls, width: int, dense: bool = True, device=None) -> "CrossStats":
+        return super().empty(width, dense=True, device=device)
 
     def add(self, x, xp, e=None) -> None:
         super().add(xp if x is None else x, xp, e)

@@ -43,7 +43,8 @@ def streamed_grams(model: nn.Module, source: WeightSource, families: list[Family
         loaded.pop(i).release()
 
     try:
-        yield from stream_grams(layers, consumers(model, families), hidden, forward, normalized, enter, leave)
+        yield from stream_grams(layers, consumers(model, families), hidden, forward, normalized, enter, leave,
+                                device=opts.linalg_device)
     finally:
         for part in loaded.values():
             part.release()

@@ -66,6 +66,7 @@ class PassOptions:
     guard: bool = False                # with sequential: build the one-shot candidate too, keep the better
     metric: str | None = None          # "wanda"/"fluctuation": score and select each layer in the pass
     grouping: Grouping = "sum"
+    linalg_device: str | torch.device | None = None  # the refit's / OBS's float64 matrices (None: host)
 
 
 def embed(model: nn.Module, source: WeightSource, examples: torch.Tensor, opts: PassOptions
@@ -229,7 +230,7 @@ def _sequential_layer(model, prefix, i, layer, fams, mine: PruningPlan, names, x
         dense_copy = copy.deepcopy(layer) if steps else None  # the reconstruction's target, as in memory
         out = refit_sequential_layer(model, layer, None, fams, mine.removed_units, forward, None, chunks,
                                      f"{prefix}.{i}.", ridge=opts.refit_ridge, reselect=opts.reselect,
-                                     grouping=opts.grouping)
+                                     grouping=opts.grouping, linalg_device=opts.linalg_device)
         if steps:
             reconstruct_mlps(model, layer, dense_copy, fams, mine.removed_units, f"{prefix}.{i}.", forward, chunks,
                              opts.reconstruct)

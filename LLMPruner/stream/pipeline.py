@@ -101,10 +101,13 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
                     budget_criterion: BudgetCriterion = "uniform", selection: Selection = "score",
                     obs_damp: float = DAMP, obs_allocation: Allocation = "uniform",
                     obs_max_fraction: float | None = None, reconstruct_steps: int = 0,
-                    reconstruct_lr: float = RECONSTRUCT_LR) -> OffloadResult:
+                    reconstruct_lr: float = RECONSTRUCT_LR,
+                    linalg_device: str | torch.device | None = None) -> OffloadResult:
     """Prune a model that is never loaded whole; with ``save_to``, write the pruned checkpoint there.
-    ``selection="obs"``, ``obs_allocation`` (not ``kl``/``fisher``) and ``reconstruct_steps`` mean what they
-    mean in ``prune.prune``, in the same sequential pass (``compensation="refit"``)."""
+    ``selection="obs"``, ``obs_allocation`` (not ``kl``/``fisher``), ``reconstruct_steps`` and
+    ``linalg_device`` mean what they mean in ``prune.prune``, in the same sequential pass
+    (``compensation="refit"``); ``max_memory`` then counts the float64 matrices on ``linalg_device`` when
+    that is not the host."""
     _check(pruning_ratio, 1, pruner_type, param_budget, examples, compensation)
     check_selection(selection, compensation)
     check_reconstruction(reconstruct_steps, reconstruct_lr, compensation)
@@ -130,7 +133,7 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
                       stats_width=widest_input(model, targets) if compensation in ("refit", "refit_oneshot") else 0,
                       reconstruct=reconstruct_bytes(model, targets, examples) if reconstruct_steps else 0,
                       gram_elem=8 if compensation == "refit_oneshot" or obs_allocation != "uniform" else 4,
-                      host_grams=5 if selection == "obs" else 3)
+                      host_grams=5 if selection == "obs" else 3, linalg_device=linalg_device)
     # --compensation refit is the in-memory sequential refit (layer i refit on the outputs of the pruned
     # layers 0..i-1, sequential.refit_sequential_layer); refit_oneshot and bias use the dense model's
     # statistics, as in memory. ``sequential`` (--offload_sequential) runs any compensation on the pruned
@@ -145,7 +148,7 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
                        sequential=sequential or compensation == "refit", guard=sequential,
                        grouping=grouping_strategy,
                        reconstruct=Reconstruction(reconstruct_steps, reconstruct_lr, seed=seed) if reconstruct_steps
-                       else None)
+                       else None, linalg_device=linalg_device)
     width = pruning_ratio if param_budget is None else param_budget
     per_layer = pruner_type in ACTIVATION_PRUNERS and not global_pruning and param_budget is None \
         and mode == "block_wise"
@@ -168,7 +171,7 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
         with stage("obs allocation", device, peaks):
             plan = _obs_counts(model, source, targets, plan, select, examples, opts, obs_allocation, obs_damp,
                                obs_max_fraction)
-        opts.reselect, per_layer = obs_reselect(obs_damp), False  # OBS chooses the units in the pass
+        opts.reselect, per_layer = obs_reselect(obs_damp, device=linalg_device), False  # OBS chooses the units
     if save_to is not None:
         Path(save_to).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".llmpruner-stream-", dir=save_to)) if save_to is not None else None
@@ -205,7 +208,7 @@ def _obs_counts(model, source, targets, plan: PruningPlan | None, select, exampl
     if plan is None:
         plan = make_plan(model, targets, select(targets, {f.key: torch.zeros(f.n_units) for f in targets}))
     removed = obs_counts(model, targets, plan.removed_units, examples, how, damp, opts.batch_size,
-                         max_fraction=max_fraction,
+                         max_fraction=max_fraction, device=opts.linalg_device,
                          grams_of=lambda normalized: streamed_grams(model, source, targets, examples, opts, normalized))
     return make_plan(model, targets, removed)
 
@@ -261,7 +264,7 @@ def streamed_magnitude_scores(model, source, targets, p: int, opts: PassOptions)
 
 def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_scored: bool, device,
                   candidates: int = 1, stats_width: int = 0, reconstruct: int = 0, gram_elem: int = 4,
-                  host_grams: int = 3) -> None:
+                  host_grams: int = 3, linalg_device: str | torch.device | None = None) -> None:
     """The largest part (x2 where it takes gradients: the layers under Taylor, the embeddings/head only when
     the hidden size is scored) plus a few copies of the boundary states must fit ``--max_memory``; with
     two candidates (``--offload_sequential``) a layer and the states are held twice over. ``stats_width``
@@ -269,8 +272,9 @@ def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_sco
     (``gram_elem`` 4; float64 where the Gram is summed on the device: ``refit_oneshot``'s statistics, the OBS
     allocation's) before it goes to the host, where ``host_grams`` float64 ``[in, in]`` matrices live (the
     fit and check halves and a merged or sliced copy; OBS adds its damped inverse and a factor): logged,
-    since ``--max_memory`` is the device's. ``reconstruct``: bytes ``--reconstruct_steps``
-    adds (``reconstruct_bytes``; its dense copy of the layer is the second candidate)."""
+    and counted in ``--max_memory`` when ``linalg_device`` puts them on a device rather than the host.
+    ``reconstruct``: bytes ``--reconstruct_steps`` adds (``reconstruct_bytes``; its dense copy of the layer
+    is the second candidate)."""
     layers = get_adapter(model).decoder_layers(model)
     prefix = layers_prefix(model, layers)
     elem = torch.finfo(dtype).bits // 8 if dtype is not None else 4
@@ -283,9 +287,13 @@ def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_sco
     states = 0 if examples is None else examples.numel() * model.config.hidden_size * elem
     need = max(sizes[largest], candidates * max(v for k, v in sizes.items() if k != "embeddings/head")) \
         + 4 * candidates * states + gram_elem * stats_width ** 2 + reconstruct
+    on_device = linalg_device is not None and torch.device(linalg_device).type != "cpu"
+    if on_device:
+        need += host_grams * 8 * stats_width ** 2
     if stats_width:
-        logger.info("offload: the refit's statistics of its widest input (%d channels) take about %.1f MB of host "
-                    "memory per layer (float64 Grams)", stats_width, host_grams * 8 * stats_width ** 2 / 2**20)
+        logger.info("offload: the refit's statistics of its widest input (%d channels) take about %.1f MB of %s "
+                    "memory per layer (float64 Grams)", stats_width, host_grams * 8 * stats_width ** 2 / 2**20,
+                    f"{linalg_device} (--linalg_device)" if on_device else "host")
     logger.info("offload: largest part %s %.1f MB%s; boundary states %.1f MB each; about %.1f MB on %s per stage",
                 largest, sizes[largest] / 2**20, " (gradients included)" if with_grad else "", states / 2**20,
                 need / 2**20, device)
