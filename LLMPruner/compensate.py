@@ -146,7 +146,10 @@ class CrossStats:
 def reconstruction_objective(w: torch.Tensor, v: torch.Tensor, stats: CrossStats, kept: torch.Tensor) -> float:
     """``sum_t ||y_t - V x~_t,K||^2`` (``y = W x``, ``+ e`` with ``extra``) minus its ``V``-independent
     part ``sum_t ||y_t||^2``."""
-    g_kk, b = _kept_target(w, (stats,), kept)
+    return _objective(v, *_kept_target(w, (stats,), kept))
+
+
+def _objective(v: torch.Tensor, g_kk: torch.Tensor, b: torch.Tensor) -> float:
     return float(-2.0 * (v * b).sum() + ((v @ g_kk) * v).sum())
 
 
@@ -175,7 +178,10 @@ def solve_refit(w: torch.Tensor, stats: CrossStats | tuple[CrossStats, ...], kep
     activation, 23,000 vs ~30 elsewhere) shrank every other column so far that even the smallest ridge
     lost to slicing on held-out tokens; toward ``W_K`` the refit wins there, and the SmolLM2 perplexities
     improve (docs/smollm2.md §6)."""
-    g_kk, target = _kept_target(w, stats if isinstance(stats, tuple) else (stats,), kept)
+    return _solve(w, kept, *_kept_target(w, stats if isinstance(stats, tuple) else (stats,), kept), ridge)
+
+
+def _solve(w: torch.Tensor, kept: torch.Tensor, g_kk: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
     lam = ridge * g_kk.diagonal().mean().clamp_min(1e-12)
     a = g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype, device=g_kk.device)
     return torch.linalg.solve(a, (target + lam * w[:, kept]).T).T
@@ -189,14 +195,18 @@ def refit_layer(w: torch.Tensor, stats: CrossStats, kept: torch.Tensor, ridge: f
     is ``ridge``) by the held-out reconstruction error, the refit is kept only if it beats plain slicing
     there, and the final solve uses all tokens. Without, the same test runs on ``stats`` itself.
     Returns the new ``[out, K]`` columns and a one-line report. ``w``, the statistics and ``kept`` share
-    a device (the host, or the GPU with ``--linalg_device``); so do the new columns."""
-    judge = check if check is not None else stats
-    base = reconstruction_objective(w, w[:, kept], judge, kept)
+    a device (the host, or the GPU with ``--linalg_device``); so do the new columns. The kept-column
+    statistics of each half are indexed and multiplied by ``W`` once for the whole ridge grid (the same
+    numbers as ``solve_refit`` / ``reconstruction_objective`` per ridge, ~2 fewer ``[out, in] x [in, K]``
+    products per ridge)."""
+    fitted = _kept_target(w, (stats,), kept)
+    judged = _kept_target(w, (check,), kept) if check is not None else fitted
+    base = _objective(w[:, kept], *judged)
     tried = {}
     for r in ((ridge,) if ridge is not None else RIDGES):
-        v = solve_refit(w, stats, kept, r)
+        v = _solve(w, kept, *fitted, r)
         if torch.isfinite(v).all():
-            tried[r] = reconstruction_objective(w, v, judge, kept)
+            tried[r] = _objective(v, *judged)
     best = min(tried, key=tried.get) if tried else None
     if best is None or not tried[best] < base:
         return w[:, kept].clone(), f"refit not better on held-out calibration tokens: sliced only"

@@ -258,5 +258,5 @@ def _refit_and_slice(model, plan: PruningPlan, consumer, fit, check, ridge, devi
     kept = torch.as_tensor(keep, device=where)
     new, report = refit_layer(w.detach().double().to(where), fit, kept, ridge, check)
     logger.info("%s: %s", consumer, report)
-    w[:, kept] = new.to(w.dtype).to(w.device)
+    w[:, kept.to(w.device)] = new.to(w.dtype).to(w.device)  # the model may be on another device than the solve
     apply_plan(model, plan)

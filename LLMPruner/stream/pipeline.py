@@ -133,7 +133,7 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
                       stats_width=widest_input(model, targets) if compensation in ("refit", "refit_oneshot") else 0,
                       reconstruct=reconstruct_bytes(model, targets, examples) if reconstruct_steps else 0,
                       gram_elem=8 if compensation == "refit_oneshot" or obs_allocation != "uniform" else 4,
-                      host_grams=5 if selection == "obs" else 3, linalg_device=linalg_device)
+                      host_grams=5 if selection == "obs" else 4, linalg_device=linalg_device)
     # --compensation refit is the in-memory sequential refit (layer i refit on the outputs of the pruned
     # layers 0..i-1, sequential.refit_sequential_layer); refit_oneshot and bias use the dense model's
     # statistics, as in memory. ``sequential`` (--offload_sequential) runs any compensation on the pruned
@@ -271,7 +271,8 @@ def _check_memory(model, max_memory, dtype, examples, with_grad: bool, outer_sco
     (a refit): one batch's ``x^T x`` of the widest refitted input is made on the device in float32
     (``gram_elem`` 4; float64 where the Gram is summed on the device: ``refit_oneshot``'s statistics, the OBS
     allocation's) before it goes to the host, where ``host_grams`` float64 ``[in, in]`` matrices live (the
-    fit and check halves and a merged or sliced copy; OBS adds its damped inverse and a factor): logged,
+    fit and check halves, and the refit's kept-column Gram of each half and its damped copy, or OBS's
+    merged Gram, damped inverse and factor): logged,
     and counted in ``--max_memory`` when ``linalg_device`` puts them on a device rather than the host.
     ``reconstruct``: bytes ``--reconstruct_steps`` adds (``reconstruct_bytes``; its dense copy of the layer
     is the second candidate)."""
