@@ -85,6 +85,11 @@ def refit_weight(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge:
 
 
 
+def linalg_place(device: str | torch.device | None) -> torch.device:
+    """Where the refit's and OBS's float64 matrices live: ``device`` (``--linalg_device``), or the host."""
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
 @dataclass
 class CrossStats:
     """Streamed statistics of one consumer's inputs in both streams: ``x`` (dense model), ``x~`` (pruned).
@@ -107,7 +112,7 @@ class CrossStats:
     def empty(cls, width: int, dense: bool = True, device: str | torch.device | None = None) -> "CrossStats":
         """Zero statistics of ``width`` inputs on ``device`` (default: the host); ``dense=False``: no
         separate dense stream (``x = x~``)."""
-        device = torch.device("cpu") if device is None else torch.device(device)
+        device = linalg_place(device)
         z = torch.zeros(width, width, dtype=torch.float64, device=device)
         return cls(0, torch.zeros(width, dtype=torch.float64, device=device), z, z.clone() if dense else None)
 

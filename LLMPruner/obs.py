@@ -30,7 +30,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn as nn
 
-from .compensate import CrossStats
+from .compensate import CrossStats, linalg_place
 from .graph import Family
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def obs_reselect(damp: float = DAMP, priors: dict[str, torch.Tensor] | None = No
     as ``chosen``, by greedy structured OBS on the pruned model's inputs (``stats.gram``). At most one
     family per consumer may lose units (a layer loses KV groups or query heads, never both). ``device``:
     where the float64 linear algebra runs (default: the host; ``--linalg_device``)."""
-    where = torch.device("cpu") if device is None else torch.device(device)
+    where = linalg_place(device)
 
     def reselect(model: nn.Module, group: list[Family], chosen: dict[str, list[int]], consumer: str,
                  stats: CrossStats) -> dict[str, list[int]]:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .activations import consumers
 from .adapters import get_adapter
 from .budget import unit_cost
+from .compensate import linalg_place
 from .graph import Family
 from .obs import DAMP, consumer_columns, obs_select
 from .sequential import layer_inputs
@@ -76,7 +77,7 @@ def stream_grams(layers: nn.ModuleList, cons: dict[str, nn.Linear], hidden: list
     tuple has been consumed (the layer-streamed pass loads and releases the layer's weights there, so
     they are loaded while the caller reads them). The Grams are summed where the activations are and
     kept on ``device`` (default: the host)."""
-    where = torch.device("cpu") if device is None else torch.device(device)
+    where = linalg_place(device)
     owner = {name: _owner(layers, mod, name) for name, mod in cons.items()}
     for i, layer in enumerate(tqdm(layers[:max(owner.values()) + 1], desc="OBS allocation statistics",
                                    leave=False)):
@@ -161,7 +162,7 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
     while its tuple is current; not with ``kl``/``fisher``, which need the loaded model); by default
     ``layer_grams`` on ``model``. ``device``: where the float64 curves are computed (default: the host;
     ``grams_of`` must then yield its Grams there)."""
-    where = torch.device("cpu") if device is None else torch.device(device)
+    where = linalg_place(device)
     if how == "uniform":
         return removed
     if how == "fisher" and fisher is None:

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from .activations import InputStats, activation_channel_scores
 from .adapters import get_adapter
-from .compensate import CrossStats, refit_layer
+from .compensate import CrossStats, linalg_place, refit_layer
 from .estimate import unit_scores
 from .graph import Family
 from .plan import PruningPlan
@@ -254,7 +254,7 @@ def _refit_and_slice(model, plan: PruningPlan, consumer, fit, check, ridge, devi
     if keep is None:
         return
     w = dict(model.named_parameters())[consumer]
-    where = torch.device("cpu") if device is None else torch.device(device)
+    where = linalg_place(device)
     kept = torch.as_tensor(keep, device=where)
     new, report = refit_layer(w.detach().double().to(where), fit, kept, ridge, check)
     logger.info("%s: %s", consumer, report)
