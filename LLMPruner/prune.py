@@ -136,12 +136,12 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
                 removed = obs_counts(model, targets, removed, examples, obs_allocation, obs_damp,
                                      calibration_batch_size, max_fraction=obs_max_fraction, fisher=fisher,
                                      device=linalg_device)
-            removed = sequential_prune(model, targets, removed, examples, ridge=ridge,
+            plan = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                        batch_size=calibration_batch_size, reselect=reselect,
                                        grouping=grouping_strategy, target=refit_target,
                                        reconstruct=Reconstruction(reconstruct_steps, reconstruct_lr, seed=seed),
                                        linalg_device=linalg_device)
-            plan = make_plan(model, [], removed)  # already applied layer by layer: record the units
+            # (already applied layer by layer: the plan records the kept indices and units)
             logger.info("step %d/%d (ratio %.3f), sequential refit:\n%s", step, iterative_steps, ratio,
                         plan.describe())
             result.plans.append(plan)

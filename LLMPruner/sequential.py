@@ -143,9 +143,10 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
                      examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
                      reselect: str | Reselect | None = None, grouping: str = "sum",
                      target: str = "pruned", reconstruct: Reconstruction | None = None,
-                     linalg_device: str | torch.device | None = None) -> dict[str, list[int]]:
-    """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the
-    units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
+                     linalg_device: str | torch.device | None = None) -> PruningPlan:
+    """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the plan
+    applied: each sliced parameter's kept indices (in the dense model's shapes, so ``apply_plan`` replays
+    the structure on a fresh model) and the units actually removed (``reselect="wanda"``/``"fluctuation"`` re-chooses the same *number* of units
     in each family from the pruned model's own input statistics; a callable ``reselect(model, group,
     chosen, consumer, stats)`` does the same its own way, e.g. ``obs.obs_reselect()``). Families must be
     per-layer.
@@ -170,7 +171,7 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
 
     dense_h = [h for h, _ in batches]
     pruned_h = list(dense_h)
-    final: dict[str, list[int]] = {}
+    final = PruningPlan()
     diverged = False  # the streams are the same tensors until the first pruned layer
     for li, layer in enumerate(layers):
         fams = by_layer.get(li, [])
@@ -180,7 +181,8 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
             plan = refit_sequential_layer(model, layer, dense_layer, fams, removed, forward, dense_h, pruned_h,
                                           prefix + f"{li}.", ridge=ridge, reselect=reselect, grouping=grouping,
                                           target=target, linalg_device=linalg_device)
-            final.update(plan.removed_units)
+            final.keep.update(plan.keep)
+            final.removed_units.update(plan.removed_units)
             if reconstruct is not None and reconstruct.steps:
                 reconstruct_mlps(model, layer, dense_layer, fams, removed, prefix + f"{li}.", forward, pruned_h,
                                  reconstruct)

@@ -150,3 +150,32 @@ def test_nan_calibration_loss_is_an_error():
     with pytest.raises(FloatingPointError, match="calibration loss is nan.*--dtype float32"):
         prune(model, mode="block_wise", pruning_ratio=0.5, pruner_type="taylor",
               attention_layers=range(1, 2), mlp_layers=range(1, 2), examples=torch.tensor([[1, 3, 4, 5]]))
+
+
+@pytest.mark.parametrize("extra", [
+    dict(pruner_type="wanda"),                                            # units re-chosen in the pass
+    dict(pruner_type="l2", selection="obs", reconstruct_steps=4),
+    dict(pruner_type="l2", selection="obs", obs_allocation="residual", attention_layers=range(0)),
+    dict(pruner_type="l2", query_heads=True, iterative_steps=2),          # two plans, the second on shrunk shapes
+])
+def test_sequential_refit_plan_replays_the_structure_on_a_fresh_model(tmp_path, extra):
+    """The refit pass slices layer by layer; its plan still records every kept index, so replaying plan.json
+    (as the README says) gives the pruned model's shapes, and the parameters no refit or reconstruction
+    touches keep their dense values (a plan of units only replayed as a silent no-op)."""
+    examples = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_model()
+    result = prune(model, **{**dict(pruning_ratio=0.5, attention_layers=range(1, 3), mlp_layers=range(0, 3),
+                                    compensation="refit", examples=examples), **extra})
+    assert all(p.keep for p in result.plans)
+    fresh = tiny_model()
+    for i, plan in enumerate(result.plans):
+        plan.save(tmp_path / f"plan{i}.json")
+        apply_plan(fresh, PruningPlan.load(tmp_path / f"plan{i}.json"))
+    pruned, replayed = dict(model.named_parameters()), dict(fresh.named_parameters())
+    assert {n: p.shape for n, p in replayed.items()} == {n: p.shape for n, p in pruned.items()}
+    assert fresh.config.to_dict() == model.config.to_dict()
+    refitted = ("o_proj", "down_proj") + (("gate_proj", "up_proj") if extra.get("reconstruct_steps") else ())
+    untouched = [n for n in pruned if not n.endswith(tuple(f"{r}.weight" for r in refitted))]
+    assert any(pruned[n].shape != tiny_model().get_parameter(n).shape for n in untouched)  # sliced, not refitted
+    for n in untouched:
+        torch.testing.assert_close(replayed[n], pruned[n], atol=0, rtol=0, msg=n)
