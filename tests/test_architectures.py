@@ -51,6 +51,28 @@ ARCHS = {
                   {"q_proj.weight": 24, "k_proj.weight": 12, "v_proj.weight": 12, "o_proj.weight": 24}, LLAMA_MLP),
     "gemma2": Arch({**LLAMA_LIKE, "head_dim": 12, "sliding_window": 4, "query_pre_attn_scalar": 12},
                    {"q_proj.weight": 24, "k_proj.weight": 12, "v_proj.weight": 12, "o_proj.weight": 24}, LLAMA_MLP),
+    # Gemma-3's text model: per-head q/k norms (shared), local and global RoPE bases by layer type
+    "gemma3_text": Arch({**LLAMA_LIKE, "head_dim": 12, "sliding_window": 4, "query_pre_attn_scalar": 12,
+                         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+                        {"q_proj.weight": 24, "k_proj.weight": 12, "v_proj.weight": 12, "o_proj.weight": 24},
+                        LLAMA_MLP),
+    "ministral": Arch({**LLAMA_LIKE, "sliding_window": 4,
+                       "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}, LLAMA_ATTN,
+                      LLAMA_MLP),
+    # layers 0 and 2 use RoPE, layer 1 does not (NoPE)
+    "smollm3": Arch({**LLAMA_LIKE, "no_rope_layers": [1, 0, 1], "pad_token_id": 0}, LLAMA_ATTN, LLAMA_MLP),
+    # post-norms, per-head q/k norms, sliding and full layers
+    "exaone4": Arch({**LLAMA_LIKE, "sliding_window": 4,
+                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}, LLAMA_ATTN,
+                    LLAMA_MLP),
+    # parallel attention and MLP on one LayerNorm, logit scale, tied embeddings in the real checkpoints
+    "cohere2": Arch({**LLAMA_LIKE, "sliding_window": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                     "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}, LLAMA_ATTN,
+                    LLAMA_MLP),
+    "hunyuan_v1_dense": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN,
+                             LLAMA_MLP),
+    "seed_oss": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+                     {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8}, LLAMA_MLP),
     # fused: per KV group, 16 q rows + 8 k rows + 8 v rows of qkv_proj; gate_up row i pairs with row 48 + i
     "phi3": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1},
                  {"qkv_proj.weight": 32, "o_proj.weight": 16}, {"gate_up_proj.weight": 2, "down_proj.weight": 1}),
@@ -215,6 +237,24 @@ def test_unsupported_architecture_lists_every_supported_one():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(UnsupportedArchitectureError, match="'gpt2'.*supported: " + ", ".join(ALL)):
         discover(model)
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_depth_pruning_reloads_with_from_pretrained(model_type, tmp_path):
+    """Dropping the first layer renumbers the layers and every per-layer list of the config (layer types,
+    SmolLM3's NoPE layers): the stock model rebuilt from the saved config gives the same logits."""
+    from LLMPruner.checkpoint import load_pruned, save_pruned
+    from LLMPruner.plan import PruningPlan
+    model = build(model_type)
+    apply_plan(model, PruningPlan(keep_layers=[1, 2]))
+    assert len(get_adapter(model).decoder_layers(model)) == 2
+    model.save_pretrained(tmp_path / "stock")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
+    get_adapter(again).prepare(again)
+    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    save_pruned(model, None, tmp_path / "ckpt")
+    torch.testing.assert_close(logits(load_pruned(tmp_path / "ckpt")[0]), logits(model), atol=1e-5, rtol=0)
+    assert_generates(again)
 
 
 def test_structure_round_trips_as_json():

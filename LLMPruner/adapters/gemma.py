@@ -1,4 +1,5 @@
-"""Gemma and Gemma-2: LLaMA names, ``head_dim`` independent of hidden/heads, ``(1 + w)`` RMSNorms,
+"""Gemma, Gemma-2 and Gemma-3's text model (``gemma3_text``: the 270M and 1B checkpoints; the multimodal
+4B-27B ones, ``gemma3``, are not supported): LLaMA names, ``head_dim`` independent of hidden/heads, ``(1 + w)`` RMSNorms,
 Gemma-2's extra pre/post feed-forward norms, logit soft-capping and alternating sliding-window layers.
 
 Tracing handles all of it (the norms join the hidden channels, soft-capping is elementwise). What it cannot
@@ -15,7 +16,7 @@ from .llama import LlamaAdapter
 
 
 class GemmaAdapter(LlamaAdapter):
-    model_types = ("gemma", "gemma2")
+    model_types = ("gemma", "gemma2", "gemma3_text")
 
     def update_config(self, model: nn.Module) -> ModelStructure:
         embed = model.get_input_embeddings()

@@ -1,6 +1,11 @@
 """LLaMA-style decoders: LLaMA 1/2/3, Vicuna, TinyLlama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms
 per head_dim, shared by all heads: tracing leaves them out of every group), Granite (scalar multipliers,
-constants of the config that pruning leaves alone) and GLM (fused gate_up_proj).
+constants of the config that pruning leaves alone), GLM (fused gate_up_proj), and the same layout with
+other details tracing handles: Ministral and EXAONE 4 / Cohere 2 (sliding and full layers), SmolLM3
+(layers without RoPE), Hunyuan dense (per-head q/k norms), Seed-OSS (q/k/v biases).
+
+Per-layer lists in the config (``layer_types``, SmolLM3's ``no_rope_layers``) follow the layers that
+depth pruning keeps, so a stock ``from_pretrained`` rebuilds each kept layer as it was.
 
 All share ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` (GLM:
 ``mlp.gate_up_proj``). Per-layer sizes are read from the weights: heads from ``o_proj``'s input, KV heads
@@ -18,7 +23,10 @@ Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_i
 
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "granite")
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "granite", "ministral", "smollm3", "exaone4", "cohere2",
+                   "hunyuan_v1_dense", "seed_oss")
+    #: config lists with one entry per decoder layer
+    per_layer_config = ("layer_types", "no_rope_layers")
     module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
                     "o_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,8 +54,9 @@ class LlamaAdapter(Adapter):
         for new_idx, layer in enumerate(model.model.layers):
             layer.self_attn.layer_idx = new_idx
         config = model.config
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = [config.layer_types[i] for i in keep]
+        for name in self.per_layer_config:
+            if getattr(config, name, None) is not None:
+                setattr(config, name, [getattr(config, name)[i] for i in keep])
         config.num_hidden_layers = len(keep)
 
     def head_dim(self, model: nn.Module) -> int:
