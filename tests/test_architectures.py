@@ -73,6 +73,14 @@ ARCHS = {
                              LLAMA_MLP),
     "seed_oss": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
                      {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8}, LLAMA_MLP),
+    # q_norm / k_norm span all heads: each head's slice of them is in its group, and the kept slices are
+    # rescaled (exact up to the norm's epsilon, which tiny random activations would make matter: 1e-12)
+    "olmo2": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "rms_norm_eps": 1e-12},
+                  {**LLAMA_ATTN, "q_norm.weight": 16, "k_norm.weight": 8}, LLAMA_MLP),
+    "olmo3": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "rms_norm_eps": 1e-12,
+                   "sliding_window": 4,
+                   "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+                  {**LLAMA_ATTN, "q_norm.weight": 16, "k_norm.weight": 8}, LLAMA_MLP),
     # fused: per KV group, 16 q rows + 8 k rows + 8 v rows of qkv_proj; gate_up row i pairs with row 48 + i
     "phi3": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1},
                  {"qkv_proj.weight": 32, "o_proj.weight": 16}, {"gate_up_proj.weight": 2, "down_proj.weight": 1}),
@@ -310,3 +318,35 @@ def test_save_pruned_then_load_pruned_is_identical(model_type, mode, tmp_path):
     again, _ = load_pruned(tmp_path / "ckpt")
     torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
     assert_generates(again)
+
+
+@pytest.mark.parametrize("kwargs", [dict(pruner_type="l2"), dict(pruner_type="wanda", compensation="refit")])
+def test_olmo2_head_norms_are_rescaled_once_in_memory_under_offload_and_on_replay(kwargs, tmp_path):
+    """OLMo-2's q_norm / k_norm average over all heads. Slicing (in one go, or consumer by consumer in the
+    refit pass, or layer by layer under --offload) multiplies each kept slice by sqrt(old / new width) once;
+    the streamed pass and a replay of the plan on a fresh model give the same weights."""
+    from LLMPruner.plan import PruningPlan
+    from LLMPruner.stream.pipeline import prune_offloaded
+    from test_offload import _tensors
+    from LLMPruner.checkpoint import save_pruned
+    examples = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    common = dict(pruning_ratio=0.5, attention_layers=range(0, 3), mlp_layers=range(1, 3), examples=examples,
+                  calibration_batch_size=4, **kwargs)
+    dense, model = build("olmo2"), build("olmo2")
+    result = prune(model, **common)
+    for norm, width in (("q_norm", 32), ("k_norm", 16)):  # 1 of 2 KV groups (with its 2 query heads) removed
+        name = f"model.layers.0.self_attn.{norm}.weight"
+        kept = result.plans[0].keep[name][0]
+        assert len(kept) == width // 2
+        torch.testing.assert_close(model.get_parameter(name), dense.get_parameter(name)[kept] * 2 ** 0.5)
+    save_pruned(model, None, tmp_path / "mem")
+    prune_offloaded(build("olmo2"), save_to=tmp_path / "off", **common)
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "off")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    fresh = build("olmo2")
+    for plan in result.plans:
+        apply_plan(fresh, PruningPlan.from_dict(plan.to_dict()))
+    for n, p in fresh.named_parameters():
+        if "norm" in n:
+            torch.testing.assert_close(p, model.get_parameter(n), atol=0, rtol=0, msg=n)

@@ -26,7 +26,7 @@ class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "granite", "ministral", "smollm3", "exaone4", "cohere2",
                    "hunyuan_v1_dense", "seed_oss")
     #: config lists with one entry per decoder layer
-    per_layer_config = ("layer_types", "no_rope_layers")
+    per_layer_config = ("layer_types", "no_rope_layers", "layer_shapes")
     module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
                     "o_proj": "attention", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
