@@ -81,6 +81,13 @@ ARCHS = {
                    "sliding_window": 4,
                    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
                   {**LLAMA_ATTN, "q_norm.weight": 16, "k_norm.weight": 8}, LLAMA_MLP),
+    # two-projection MLPs (up -> activation -> down)
+    "arcee": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN,
+                  {"up_proj.weight": 1, "down_proj.weight": 1}),
+    "apertus": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN,
+                    {"up_proj.weight": 1, "down_proj.weight": 1}),
+    "nemotron": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN,
+                     {"up_proj.weight": 1, "down_proj.weight": 1}),
     # fused: per KV group, 16 q rows + 8 k rows + 8 v rows of qkv_proj; gate_up row i pairs with row 48 + i
     "phi3": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1},
                  {"qkv_proj.weight": 32, "o_proj.weight": 16}, {"gate_up_proj.weight": 2, "down_proj.weight": 1}),

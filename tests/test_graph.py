@@ -89,3 +89,32 @@ def test_unsupported_architecture_lists_supported():
     from LLMPruner.adapters import supported_model_types
     with pytest.raises(UnsupportedArchitectureError, match="gpt2.*supported: " + ", ".join(supported_model_types())):
         get_adapter(model)
+
+
+def _families(model):
+    return [(f.key, [(m.param, m.dim, m.indices.tolist()) for m in f.members]) for f in discover(model).families]
+
+
+def test_comparisons_and_min_max_flow_like_their_named_equivalents():
+    """xIELU-style activations use ``x > 0`` and ``torch.min(x, eps)`` (elementwise against a tensor);
+    ``x.max(dim=..)`` is a reduction returning (values, indices). Each gives the groups of the op it means."""
+    class Act(torch.nn.Module):
+        def __init__(self, variant):
+            super().__init__()
+            self.variant, self.eps = variant, torch.tensor(-1e-6)
+
+        def forward(self, x):
+            if self.variant == "named":
+                y = torch.where(x.gt(0), x * x, torch.expm1(torch.minimum(x, self.eps)) - x)
+                return y - y.amax(dim=-1, keepdim=True) * 0.0
+            y = torch.where(x > 0, x * x, torch.expm1(torch.min(x, self.eps)) - x)
+            return y - y.max(dim=-1, keepdim=True).values * 0.0
+    found = {}
+    for variant in ("named", "min_max"):
+        model = tiny_model()
+        for layer in model.model.layers:
+            layer.mlp.act_fn = Act(variant)
+        found[variant] = _families(model)
+    assert found["min_max"] == found["named"]
+    mlp = [members for key, members in found["named"] if key == "mlp@1"][0]
+    assert all(len(idx) == 48 for _, _, idx in mlp)  # one unit per channel, as with silu

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .base import Adapter
 from .bloom import BloomAdapter
 from .gemma import GemmaAdapter
-from .llama import GlmAdapter, LlamaAdapter
+from .llama import GlmAdapter, LlamaAdapter, NonGatedAdapter
 from .olmo import OlmoAdapter
 from .opt import OptAdapter
 from .phi3 import Phi3Adapter
@@ -22,8 +22,8 @@ def register(adapter: Adapter) -> None:
         _ADAPTERS[model_type] = adapter
 
 
-for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), OlmoAdapter(), Phi3Adapter(), OptAdapter(),
-                 BloomAdapter()):
+for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), OlmoAdapter(), NonGatedAdapter(), Phi3Adapter(),
+                 OptAdapter(), BloomAdapter()):
     register(_adapter)
 
 

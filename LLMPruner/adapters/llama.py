@@ -139,3 +139,16 @@ class GlmAdapter(LlamaAdapter):
         return [(attn, "q_proj", hidden, q), (attn, "k_proj", hidden, kv), (attn, "v_proj", hidden, kv),
                 (attn, "o_proj", q, hidden), (mlp, "gate_up_proj", hidden, 2 * inter),
                 (mlp, "down_proj", inter, hidden)]
+
+
+class NonGatedAdapter(LlamaAdapter):
+    """LLaMA layout with a two-projection MLP (``up_proj`` -> activation -> ``down_proj``): Arcee (ReLU²),
+    Apertus (xIELU, per-head q/k norms), Nemotron (ReLU², LayerNorm1P, partial rotary)."""
+
+    model_types = ("arcee", "apertus", "nemotron")
+    module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
+                    "o_proj": "attention", "up_proj": "mlp", "down_proj": "mlp"}
+    lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+    def projections(self, layer: nn.Module, shape: LayerShape, hidden: int, head_dim: int) -> list[Projection]:
+        return [p for p in super().projections(layer, shape, hidden, head_dim) if p[1] != "gate_proj"]

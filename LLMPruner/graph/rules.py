@@ -27,11 +27,16 @@ IDENTITY = {"to", "float", "half", "bfloat16", "double", "type", "type_as", "cpu
             "dropout", "softmax", "log_softmax", "_softmax", "__neg__", "neg", "silu", "gelu", "relu",
             "sigmoid", "tanh", "exp", "rsqrt", "sqrt", "abs", "square", "erf", "log", "sin", "cos",
             "relu6", "leaky_relu", "hardswish", "mish", "softplus", "elu", "selu", "gelu_new", "__pos__",
-            "clamp", "clip", "clamp_min", "clamp_max", "pow", "__pow__", "masked_fill", "nan_to_num"}
+            "clamp", "clip", "clamp_min", "clamp_max", "pow", "__pow__", "masked_fill", "nan_to_num", "expm1",
+            "log1p"}
 ELEMENTWISE = {"add", "sub", "mul", "div", "__add__", "__radd__", "__iadd__", "__sub__", "__rsub__",
                "__mul__", "__rmul__", "__imul__", "__truediv__", "__rtruediv__", "__itruediv__", "add_",
                "mul_", "div_", "sub_", "where", "addcmul", "lerp", "maximum", "minimum", "true_divide",
-               "multiply", "subtract", "divide", "fmod", "remainder", "copysign"}
+               "multiply", "subtract", "divide", "fmod", "remainder", "copysign",
+               # comparisons: a mask with the operands' channels (e.g. xIELU's x > 0)
+               "gt", "lt", "ge", "le", "eq", "ne", "__gt__", "__lt__", "__ge__", "__le__", "__eq__", "__ne__"}
+#: ``min``/``max``: elementwise against a tensor (``torch.min(x, eps)``), else a reduction over ``dim``
+MIN_MAX = {"min", "max"}
 REDUCE = {"mean", "sum", "var", "std", "amax", "amin", "norm", "logsumexp", "prod"}
 #: queries of metadata (shapes), not values: nothing flows
 METADATA = {"size", "dim", "numel", "stride", "__len__", "is_floating_point", "is_contiguous", "data_ptr"}

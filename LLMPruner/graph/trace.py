@@ -111,6 +111,14 @@ class Tracer(TorchFunctionMode):
             self._set(out, self._shadow_or_none(args[0]).expand(out.shape).clone())
         elif name in rules.ELEMENTWISE or name in rules.REDUCE:
             self._elementwise_or_reduce(name, args, kwargs, out)
+        elif name in rules.MIN_MAX:
+            other = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("dim"))
+            if isinstance(other, torch.Tensor):
+                self._elementwise_or_reduce("minimum", args, kwargs, out)
+            else:  # a reduction; with ``dim`` the result is (values, indices): the values carry the ids
+                keep = kwargs.get("keepdim", False) or (len(args) > 2 and args[2] is True)
+                self._set(out[0] if isinstance(out, tuple) else out,
+                          rules.reduce(self._shadow_or_none(args[0]), other, keep))
         else:
             self.unknown[name] = self.unknown.get(name, 0) + 1
 
