@@ -88,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_seq_len", type=int, default=128, help="perplexity window and generation length")
     a("--temperature", type=float, default=1.0, help="sampling temperature for the sample generations")
     a("--top_p", type=float, default=0.95, help="nucleus sampling for the sample generations")
+    a("--text_only", action="store_true",
+      help="--base_model is an image-text model (Gemma-3 4B-27B, Mistral Small 3.x): prune its language model "
+           "alone; the vision tower and projector are dropped and the result is a text-only checkpoint")
     a("--allow_pickle", action="store_true",
       help="let --base_model be a reference LLM-Pruner pickle (pytorch_model.bin): this RUNS PICKLED CODE; "
            "only for files you trust (the model is converted to safetensors on --save_model)")
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     # 1. load the model and check the flags against it (nothing is written before they are known good)
     set_seed(args.seed)
     model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
-                                  allow_pickle=args.allow_pickle)
+                                  allow_pickle=args.allow_pickle, text_only=args.text_only)
     get_adapter(model)
     if args.save_gguf:
         check_gguf_exportable(model)  # an architecture llama.cpp cannot run fails before any work
@@ -340,7 +343,7 @@ def main_offload(args: argparse.Namespace) -> int:
     """--offload: the run of ``main`` with the model never loaded whole; the checkpoint is always written."""
     set_seed(args.seed)
     model_or_folder, tokenizer, config = open_source(args.base_model, dtype=DTYPES[args.dtype],
-                                                     allow_pickle=args.allow_pickle)
+                                                     allow_pickle=args.allow_pickle, text_only=args.text_only)
     ranges = check_against_model(config, args)
     with run_folder(args) as run:
         results = offload_prune_and_save(model_or_folder, tokenizer, args, ranges, run.path)

@@ -151,7 +151,8 @@ def distill_trainer(args: argparse.Namespace, dtype: torch.dtype):
     """The distillation Trainer class (teacher loaded on the CPU), or None without --distill_loss."""
     if args.distill_loss == "none":
         return None
-    teacher, _ = load_model(args.teacher, device="cpu", dtype=dtype)
+    # an image-text teacher (a Gemma-3 / Mistral Small 3.x pruned with --text_only) teaches with its language model
+    teacher, _ = load_model(args.teacher, device="cpu", dtype=dtype, text_only=True)
     return distill_trainer_class(teacher, DistillConfig(
         loss=args.distill_loss, alpha=args.kd_alpha, temperature=args.kd_temperature,
         chunk_tokens=args.kd_chunk_tokens, teacher_device=args.teacher_device))

@@ -1,5 +1,5 @@
-"""Gemma, Gemma-2 and Gemma-3's text model (``gemma3_text``: the 270M and 1B checkpoints; the multimodal
-4B-27B ones, ``gemma3``, are not supported): LLaMA names, ``head_dim`` independent of hidden/heads, ``(1 + w)`` RMSNorms,
+"""Gemma, Gemma-2 and Gemma-3's text model (``gemma3_text``: the 270M and 1B checkpoints, and the language
+model of the 4B-27B image-text ones with ``--text_only``, ``checkpoint/multimodal.py``): LLaMA names, ``head_dim`` independent of hidden/heads, ``(1 + w)`` RMSNorms,
 Gemma-2's extra pre/post feed-forward norms, logit soft-capping and alternating sliding-window layers.
 
 Tracing handles all of it (the norms join the hidden channels, soft-capping is elementwise). What it cannot

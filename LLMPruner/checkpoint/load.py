@@ -20,20 +20,24 @@ from .gguf_in import gguf_file_of, load_gguf
 from .legacy import is_legacy_pickle, load_legacy_pickle
 from .meta import is_meta_folder, load_meta
 from .modeling_pruned import PRUNED_CLASSES
+from .multimodal import config_to_prune, text_only_model
 from .save import PRUNING_FILE, sha256_file
 
 logger = logging.getLogger(__name__)
 
 
 def load_model(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto", *,
-               allow_pickle: bool = False):
+               allow_pickle: bool = False, text_only: bool = False):
     """``(model, tokenizer)`` from a Hugging Face id, a (pruned) Hugging Face folder, a folder in
     Meta's layout, a ``.gguf`` file (or a folder holding one), or, with ``allow_pickle=True`` only, a
-    reference LLM-Pruner pickle."""
+    reference LLM-Pruner pickle. An image-text checkpoint (Gemma-3 4B+, Mistral Small 3.x) needs
+    ``text_only=True``: its language model alone, as a text model (``multimodal.py``)."""
     path = Path(name_or_path)
     gguf_file = gguf_file_of(path)
     if gguf_file is not None:
         model, tokenizer = load_gguf(gguf_file, dtype=dtype)
+    elif path.is_dir() and (path / "config.json").is_file() and _image_text(path, text_only):
+        model, tokenizer = _load_text_only(path, dtype)
     elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = load_pruned(path, torch_dtype=dtype)
     elif path.is_dir() and is_meta_folder(path):
@@ -46,11 +50,29 @@ def load_model(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype
                               f"(reference pickle); found {sorted(p.name for p in path.iterdir())[:10]}")
     elif path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
         raise FileNotFoundError(f"model {str(name_or_path)!r}: no such checkpoint folder")
-    else:  # a Hugging Face Hub id
+    elif _image_text(str(name_or_path), text_only):  # a Hugging Face Hub id from here on
+        model, tokenizer = _load_text_only(str(name_or_path), dtype)
+    else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     return model.to(device).eval(), tokenizer
+
+
+def _image_text(source: str | Path, text_only: bool) -> bool:
+    """Whether ``source`` is an image-text checkpoint to load as its language model (an error naming
+    ``--text_only`` if it is one and ``text_only`` is off)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(str(source))
+    return config_to_prune(config, text_only, str(source)) is not config
+
+
+def _load_text_only(source: str | Path, dtype):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    model = text_only_model(AutoModelForImageTextToText.from_pretrained(str(source), dtype=dtype))
+    local = Path(source).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(source)) if not local or has_tokenizer(Path(source)) else None
+    return model, tokenizer
 
 
 def load_pruned(folder: str | Path, device_map: str | dict | None = None,
@@ -77,7 +99,7 @@ def load_pruned(folder: str | Path, device_map: str | dict | None = None,
     heterogeneous = bool(getattr(config, "layer_shapes", None))
     if (record or {}).get("loader") == "llmpruner" or (heterogeneous and config.model_type not in PRUNED_CLASSES):
         model = _load_generic(folder, config, device_map, torch_dtype, record)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
         return model, tokenizer
     cls = PRUNED_CLASSES[config.model_type] if heterogeneous else AutoModelForCausalLM
     _check_tensors(folder, stock_shapes(cls, config))
@@ -88,7 +110,7 @@ def load_pruned(folder: str | Path, device_map: str | dict | None = None,
     if problems:
         raise CheckpointError(f"{folder}: weights do not match the config: {problems}")
     get_adapter(model).prepare(model)  # state the stock class does not restore (ALiBi slopes, scales)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
     logger.info("loaded %s from %s (%s)", type(model).__name__, folder,
                 "heterogeneous layers" if heterogeneous else "uniform layers")
     return model.eval(), tokenizer
@@ -164,7 +186,7 @@ def _check_tensors(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def _has_tokenizer(folder: Path) -> bool:
+def has_tokenizer(folder: Path) -> bool:
     return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
 
 

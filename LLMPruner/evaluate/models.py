@@ -39,7 +39,8 @@ def load_for_eval(spec: CheckpointSpec, device: str = "cpu", dtype: torch.dtype 
     """``(model, tokenizer)`` of a spec, with its LoRA adapter merged when given (``allow_pickle``: see
     ``load_model``)."""
     from ..checkpoint import load_model
-    model, tokenizer = load_model(spec.model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    # text tasks read only the language model of an image-text checkpoint (the same logits on text)
+    model, tokenizer = load_model(spec.model, device=device, dtype=dtype, allow_pickle=allow_pickle, text_only=True)
     if spec.lora:
         model = load_adapter(model, Path(spec.lora)).merge_and_unload()
         logger.info("%s: merged LoRA adapter %s", spec.name, spec.lora)

@@ -52,28 +52,37 @@ class OffloadResult:
     params_after: int = 0
 
 
-def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, allow_pickle: bool = False):
+def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, allow_pickle: bool = False,
+                text_only: bool = False):
     """``(folder, GGUF source or CPU model, tokenizer, config)`` for ``prune_offloaded``: a uniform
-    safetensors folder is streamed from disk, a uniform llama GGUF one dequantised tensor at a time
+    safetensors folder is streamed from disk (an image-text one's language model with ``text_only``,
+    ``TextOnlySource``), a uniform llama GGUF one dequantised tensor at a time
     (``gguf_source.GGUFSource``); anything else (other GGUFs, Meta layout, a Hub id) is loaded once on the
     CPU, and its CPU copy is the source (host memory, but never more than one layer on the device)."""
     from transformers import AutoConfig, AutoTokenizer
     from ..checkpoint import load_model
     from ..checkpoint.gguf_in import gguf_file_of
+    from ..checkpoint.load import has_tokenizer
+    from ..checkpoint.multimodal import TextOnlySource, config_to_prune
     from .gguf_source import open_gguf
-    from .weights import is_safetensors_folder
+    from .weights import SafetensorsSource, is_safetensors_folder
     if is_safetensors_folder(name_or_path):
-        config = AutoConfig.from_pretrained(name_or_path)
+        full = AutoConfig.from_pretrained(name_or_path)
+        config = config_to_prune(full, text_only, str(name_or_path))
         if not getattr(config, "layer_shapes", None):
             get_adapter(config)
-            return Path(name_or_path), AutoTokenizer.from_pretrained(name_or_path), config
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path) if has_tokenizer(Path(name_or_path)) else None
+            if config is not full:
+                return TextOnlySource(SafetensorsSource(name_or_path), config), tokenizer, config
+            return Path(name_or_path), tokenizer, config
     gguf_file = gguf_file_of(Path(name_or_path)) if Path(name_or_path).exists() else None
     opened = open_gguf(gguf_file) if gguf_file is not None else None
     if opened is not None:
         return opened
     logger.warning("--offload: %s is not a uniform safetensors folder or llama GGUF; loading it once on the CPU "
                    "and streaming layers from that copy", name_or_path)
-    model, tokenizer = load_model(name_or_path, device="cpu", dtype=dtype, allow_pickle=allow_pickle)
+    model, tokenizer = load_model(name_or_path, device="cpu", dtype=dtype, allow_pickle=allow_pickle,
+                                  text_only=text_only)
     return model, tokenizer, model.config
 
 
