@@ -1,4 +1,4 @@
-"""Gemma, Gemma-2 and Gemma-3's text model (``gemma3_text``: the 270M and 1B checkpoints, and the language
+"""Gemma, Gemma-2, VaultGemma and Gemma-3's text model (``gemma3_text``: the 270M and 1B checkpoints, and the language
 model of the 4B-27B image-text ones with ``--text_only``, ``checkpoint/multimodal.py``): LLaMA names, ``head_dim`` independent of hidden/heads, ``(1 + w)`` RMSNorms,
 Gemma-2's extra pre/post feed-forward norms, logit soft-capping and alternating sliding-window layers.
 
@@ -16,7 +16,7 @@ from .llama import LlamaAdapter
 
 
 class GemmaAdapter(LlamaAdapter):
-    model_types = ("gemma", "gemma2", "gemma3_text")
+    model_types = ("gemma", "gemma2", "gemma3_text", "vaultgemma")
 
     def update_config(self, model: nn.Module) -> ModelStructure:
         embed = model.get_input_embeddings()
