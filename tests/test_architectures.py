@@ -83,7 +83,7 @@ ARCHS = {
                   {**LLAMA_ATTN, "q_norm.weight": 16, "k_norm.weight": 8}, LLAMA_MLP),
     # LLaMA names, details tracing handles (defaults of each config)
     **{t: Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN, LLAMA_MLP)
-       for t in ("ministral3", "cohere", "internlm3", "ernie4_5", "cwm", "iquestcoder", "hyperclovax")},
+       for t in ("ministral3", "internlm3", "ernie4_5", "cwm", "iquestcoder", "hyperclovax")},
     "vaultgemma": Arch({**LLAMA_LIKE, "head_dim": 12, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
                        {"q_proj.weight": 24, "k_proj.weight": 12, "v_proj.weight": 12, "o_proj.weight": 24},
                        LLAMA_MLP),

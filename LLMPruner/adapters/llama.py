@@ -2,7 +2,7 @@
 per head_dim, shared by all heads: tracing leaves them out of every group), Granite (scalar multipliers,
 constants of the config that pruning leaves alone), GLM (fused gate_up_proj), and the same layout with
 other details tracing handles: Ministral / Ministral 3, EXAONE 4, Cohere 2 and CWM (sliding and full
-layers), Cohere (parallel attention and MLP), SmolLM3 (layers without RoPE), Hunyuan dense (per-head q/k
+layers), SmolLM3 (layers without RoPE), Hunyuan dense (per-head q/k
 norms), Seed-OSS (q/k/v biases), InternLM3, ERNIE 4.5 (dense), IQuest-Coder, HyperCLOVA X.
 
 Per-layer lists in the config (``layer_types``, SmolLM3's ``no_rope_layers``) follow the layers that
@@ -25,7 +25,7 @@ Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_i
 
 class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "granite", "ministral", "ministral3", "smollm3", "exaone4",
-                   "cohere", "cohere2", "hunyuan_v1_dense", "seed_oss", "internlm3", "ernie4_5", "cwm", "iquestcoder",
+                   "cohere2", "hunyuan_v1_dense", "seed_oss", "internlm3", "ernie4_5", "cwm", "iquestcoder",
                    "hyperclovax")
     #: config lists with one entry per decoder layer
     per_layer_config = ("layer_types", "no_rope_layers", "layer_shapes")
