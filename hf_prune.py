@@ -30,6 +30,7 @@ import torch
 
 from LLMPruner import cli
 from LLMPruner.adapters import get_adapter
+from LLMPruner.budget import budget_for_target, non_embedding_parameters
 from LLMPruner.checkpoint import load_model, save_pruned
 from LLMPruner.export import check_gguf_exportable, export_gguf
 from LLMPruner.data.calibration import calibration_examples
@@ -41,6 +42,7 @@ from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, 
 from LLMPruner.run_folder import RunFolder
 from LLMPruner.shrink import count_parameters
 from LLMPruner.stream.pipeline import open_source, prune_offloaded
+from LLMPruner.stream.weights import skeleton
 from LLMPruner.stream.placement import parse_device_map, place_model, unplace_model
 
 logger = logging.getLogger("hf_prune")
@@ -157,6 +159,7 @@ def main(argv=None) -> int:
     get_adapter(model)
     if args.save_gguf:
         check_gguf_exportable(model)  # an architecture llama.cpp cannot run fails before any work
+    resolve_target(args, model)
     ranges = check_against_model(model.config, args)
     if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
         check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
@@ -223,6 +226,7 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     after = count_parameters(model)
     results.update(params_before=before, params_after=after, ratio=after / before,
                    prune_seconds=round(time.perf_counter() - t0, 2), structure=result.structure.to_dict())
+    log_target(args)
     logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", before, after, 100 * after / before)
     logger.info("structure:\n%s", result.structure.describe())
     (log_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in result.plans]))
@@ -260,6 +264,27 @@ def evaluate_after(model, tokenizer, args, log_dir: Path, results: dict) -> None
 
 def write_results(log_dir: Path, results: dict) -> None:
     (log_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def resolve_target(args, model) -> None:
+    """``--target_params`` becomes the ``--param_budget`` that reaches it, from the model's own counts (a
+    meta-device skeleton's under ``--offload``: nothing is loaded to count)."""
+    if args.target_params is None:
+        return
+    if args.layer_wise:
+        raise ValueError(f"--target_params {args.target_params:,}: --layer_wise keeps the first --layer layers "
+                         "whatever their size; use --block_wise or --channel_wise (or --prune_layers for depth)")
+    total, non_embedding = count_parameters(model), non_embedding_parameters(model)
+    args.param_budget = budget_for_target(total, non_embedding, args.target_params)
+    args.target_note = (f"--target_params {args.target_params:,}: {total - args.target_params:,} of {total:,} "
+                        f"parameters to remove, --param_budget {args.param_budget:.6f} of the {non_embedding:,} "
+                        "outside the embeddings and head")
+
+
+def log_target(args) -> None:
+    """Say in prune.log what --target_params became (the log file opens after it is resolved)."""
+    if getattr(args, "target_note", None):
+        logger.info("%s", args.target_note)
 
 
 def check_against_model(config, args) -> dict[str, range]:
@@ -344,6 +369,7 @@ def main_offload(args: argparse.Namespace) -> int:
     set_seed(args.seed)
     model_or_folder, tokenizer, config = open_source(args.base_model, dtype=DTYPES[args.dtype],
                                                      allow_pickle=args.allow_pickle, text_only=args.text_only)
+    resolve_target(args, model_or_folder if isinstance(model_or_folder, torch.nn.Module) else skeleton(config))
     ranges = check_against_model(config, args)
     with run_folder(args) as run:
         results = offload_prune_and_save(model_or_folder, tokenizer, args, ranges, run.path)
@@ -385,6 +411,7 @@ def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_d
     results = {"base_model": args.base_model, "params_before": result.params_before,
                "params_after": result.params_after, "ratio": result.params_after / result.params_before,
                "structure": result.structure.to_dict(), "stages": result.peaks, "saved_model": True}
+    log_target(args)
     logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", result.params_before,
                 result.params_after, 100 * result.params_after / result.params_before)
     (log_dir / "plan.json").write_text(json.dumps([result.plan.to_dict()]))

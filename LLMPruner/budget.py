@@ -58,6 +58,29 @@ def non_embedding_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
+_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_count(text: str, flag: str = "--target_params") -> int:
+    """``"6B"`` -> 6e9, ``"118.6M"`` -> 118,600,000, ``"118589760"`` / ``"6.5e9"`` as written."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([A-Za-z]?)\s*", str(text))
+    if not m or m.group(2).upper() not in _COUNT_UNITS:
+        raise ValueError(f"{flag} {text!r}: expected a parameter count such as 6B, 118.6M or 118589760")
+    return int(round(float(m.group(1)) * _COUNT_UNITS[m.group(2).upper()]))
+
+
+def budget_for_target(total: int, non_embedding: int, target: int, flag: str = "--target_params") -> float:
+    """The ``param_budget`` (fraction of the ``non_embedding`` parameters) that takes a model of ``total``
+    parameters to ``target``: the pruned model then has ``target`` parameters plus under one unit (the
+    budget is never exceeded). Embeddings and the head are never pruned, so ``target`` must exceed them."""
+    floor = total - non_embedding
+    if not floor < target < total:
+        raise ValueError(f"{flag} {target:,}: must be below the model's {total:,} parameters and above its "
+                         f"{floor:,} embedding/head parameters, which are never pruned")
+    return (total - target + 0.5) / non_embedding  # + 0.5: int(budget * non_embedding) is exactly total - target
+
+
 def choose_by_budget(model: nn.Module, families: list[Family], scores: dict[str, torch.Tensor],
                      budget: int, round_to: int = 1, criterion: BudgetCriterion = "uniform",
                      bias_compensation: bool = False) -> dict[str, list[int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .budget import BUDGET_CRITERIA
+from .budget import BUDGET_CRITERIA, parse_count
 from .compensate import COMPENSATIONS
 from .depth import LAYER_IMPORTANCES
 from .obs import DAMP, SELECTIONS, check_selection
@@ -22,6 +22,10 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
                    help="remove this fraction of the non-embedding parameters, ranking standardised scores "
                         "of heads and MLP channels globally (replaces --pruning_ratio; layer ranges apply "
                         "only if given)")
+    b.add_argument("--target_params", default=None,
+                   help="prune to this many parameters in all (e.g. 6B, 118.6M, 118589760; embeddings and head "
+                        "included, never pruned): sets --param_budget from the model's own counts; the result "
+                        "has the target plus less than one unit")
     b.add_argument("--compensation", default="none", choices=COMPENSATIONS,
                    help="correct o_proj/down_proj for removed inputs: refit (least squares layer by layer on "
                         "the pruned model's inputs, stock architecture, recommended; needs >= 2x the input "
@@ -79,6 +83,14 @@ def check_beyond_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     """Refuse bad values and combinations of those flags (``p.error``: exit 2 with the message)."""
     if args.param_budget is not None and not 0.0 <= args.param_budget < 1.0:
         p.error(f"--param_budget {args.param_budget}: must be in [0, 1)")
+    if args.target_params is not None:
+        if args.param_budget is not None:
+            p.error(f"--target_params {args.target_params} and --param_budget {args.param_budget}: both set the "
+                    "budget; give one")
+        try:
+            args.target_params = parse_count(args.target_params)
+        except ValueError as err:
+            p.error(str(err))
     if args.obs_damp <= 0:
         p.error(f"--obs_damp {args.obs_damp}: must be > 0")
     try:
