@@ -61,7 +61,7 @@ def parse(spec: str) -> tuple[str, dict]:
 def prune_variant(base, tok, spec: str):
     """A pruned copy of ``base`` for one VARIANT: (name, model, prune seconds, target label)."""
     from LLMPruner import compensate
-    from LLMPruner.budget import non_embedding_parameters
+    from LLMPruner.budget import budget_for_target, non_embedding_parameters
     from LLMPruner.data.calibration import calibration_examples
     from LLMPruner.obs_allocation import obs_counts
     from LLMPruner.plan import PruningPlan
@@ -89,7 +89,7 @@ def prune_variant(base, tok, spec: str):
         n = len(model.model.layers)
         apply_plan(model, PruningPlan(keep_layers=[i for i in range(n) if i != drop]))
         last -= int(first <= drop < last)
-        budget = (count_parameters(model) - TARGETS[target] + 0.5) / non_embedding_parameters(model)
+        budget = budget_for_target(count_parameters(model), non_embedding_parameters(model), TARGETS[target])
     full = dict(pruner_type="taylor", param_budget=budget, attention_layers=range(0),
                 mlp_layers=range(first, last), compensation="refit")
     full.update(kw)

@@ -41,8 +41,10 @@ TARGETS = {"118.6M": 118_589_760, "95.6M": 95_586_624, "107.6M": int(0.8 * DENSE
 
 
 def _budget(target: int) -> float:
-    """--param_budget (fraction of the non-embedding parameters) that removes DENSE - target."""
-    return (DENSE - target + 0.5) / (DENSE - 49152 * 576)
+    """--param_budget (fraction of the non-embedding parameters) that removes DENSE - target (what
+    ``--target_params`` computes from the model)."""
+    from LLMPruner.budget import budget_for_target
+    return budget_for_target(DENSE, DENSE - 49152 * 576, target)
 
 
 # name -> (prune() kwargs, calibration: "paper" 10 x 64 protocol ids | "c4" 128 x 128)
