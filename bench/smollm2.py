@@ -87,10 +87,8 @@ _project_rows()
 
 def run_one(name: str, model_dir: str, windows: int) -> dict:
     torch.set_num_threads(1)
-    from transformers import AutoTokenizer
     from LLMPruner.checkpoint import load_model
     from LLMPruner.data.calibration import calibration_examples
-    from LLMPruner.evaluate.ppl import perplexity
     from LLMPruner.prune import prune
     from LLMPruner.shrink import count_parameters
     kwargs, calib = ROWS[name]

@@ -3,11 +3,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from LLMPruner.estimate import estimate
 from LLMPruner.graph import discover
 from LLMPruner.plan import PruningPlan
 from LLMPruner.prune import prune
-from LLMPruner.select import choose, make_plan
+from LLMPruner.select import make_plan
 from LLMPruner.shrink import apply_plan, count_parameters
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41]])
