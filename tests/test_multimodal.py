@@ -149,3 +149,17 @@ def test_evaluation_and_the_distillation_teacher_read_the_language_model(saved):
                                    kd_chunk_tokens=1024, teacher_device=None)
     post.distill_trainer(args, torch.float32)
     torch.testing.assert_close(logits(seen["teacher"]), logits(dense), atol=1e-5, rtol=0)
+
+
+def test_an_unsupported_language_model_fails_before_loading(tmp_path, monkeypatch):
+    """With --text_only, the language model's type is checked from the config alone (the list of supported
+    types in the message), before the image-text weights are read."""
+    from LLMPruner.adapters import UnsupportedArchitectureError
+    from LLMPruner.checkpoint import load as load_module
+    image_text_model("mistral3").save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(load_module, "get_adapter", lambda config: (_ for _ in ()).throw(
+        UnsupportedArchitectureError(f"architecture model_type={config.model_type!r} has no LLMPruner adapter")))
+    monkeypatch.setattr("transformers.AutoModelForImageTextToText.from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded the weights before checking the language model"))
+    with pytest.raises(UnsupportedArchitectureError, match="model_type='mistral' has no LLMPruner adapter"):
+        load_model(tmp_path / "m", text_only=True)

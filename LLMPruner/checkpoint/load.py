@@ -64,7 +64,11 @@ def _image_text(source: str | Path, text_only: bool) -> bool:
     ``--text_only`` if it is one and ``text_only`` is off)."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(str(source))
-    return config_to_prune(config, text_only, str(source)) is not config
+    text = config_to_prune(config, text_only, str(source))
+    if text is config:
+        return False
+    get_adapter(text)  # an unsupported language model fails before the image-text model is loaded
+    return True
 
 
 def _load_text_only(source: str | Path, dtype):
