@@ -84,6 +84,9 @@ ARCHS = {
     # LLaMA names, details tracing handles (defaults of each config)
     **{t: Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN, LLAMA_MLP)
        for t in ("ministral3", "internlm3", "ernie4_5", "cwm", "iquestcoder", "hyperclovax")},
+    # the stock Helium builds o_proj as hidden x hidden: from_pretrained rebuilds MLP-only pruning only
+    "helium": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN, LLAMA_MLP,
+                   reload=dict(mode="block_wise", pruning_ratio=0.5, mlp_layers=range(0, 3))),
     "vaultgemma": Arch({**LLAMA_LIKE, "head_dim": 12, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
                        {"q_proj.weight": 24, "k_proj.weight": 12, "v_proj.weight": 12, "o_proj.weight": 24},
                        LLAMA_MLP),

@@ -3,7 +3,8 @@ per head_dim, shared by all heads: tracing leaves them out of every group), Gran
 constants of the config that pruning leaves alone), GLM (fused gate_up_proj), and the same layout with
 other details tracing handles: Ministral / Ministral 3, EXAONE 4, Cohere 2 and CWM (sliding and full
 layers), SmolLM3 (layers without RoPE), Hunyuan dense (per-head q/k
-norms), Seed-OSS (q/k/v biases), InternLM3, ERNIE 4.5 (dense), IQuest-Coder, HyperCLOVA X.
+norms), Seed-OSS (q/k/v biases), InternLM3, ERNIE 4.5 (dense), IQuest-Coder, HyperCLOVA X, Helium (its
+stock ``o_proj`` is hidden x hidden, so only ``load_pruned`` rebuilds a model whose heads were pruned).
 
 Per-layer lists in the config (``layer_types``, SmolLM3's ``no_rope_layers``) follow the layers that
 depth pruning keeps, so a stock ``from_pretrained`` rebuilds each kept layer as it was.
@@ -26,7 +27,7 @@ Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_i
 class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "granite", "ministral", "ministral3", "smollm3", "exaone4",
                    "cohere2", "hunyuan_v1_dense", "seed_oss", "internlm3", "ernie4_5", "cwm", "iquestcoder",
-                   "hyperclovax")
+                   "hyperclovax", "helium")
     #: config lists with one entry per decoder layer
     per_layer_config = ("layer_types", "no_rope_layers", "layer_shapes")
     module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
