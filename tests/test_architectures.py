@@ -83,7 +83,7 @@ ARCHS = {
                   {**LLAMA_ATTN, "q_norm.weight": 16, "k_norm.weight": 8}, LLAMA_MLP),
     # LLaMA names, details tracing handles (defaults of each config)
     **{t: Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN, LLAMA_MLP)
-       for t in ("ministral3", "internlm3", "ernie4_5", "cwm", "iquestcoder", "hyperclovax")},
+       for t in ("ministral3", "cohere", "internlm3", "ernie4_5", "cwm", "iquestcoder", "hyperclovax")},
     # the stock Helium builds o_proj as hidden x hidden: from_pretrained rebuilds MLP-only pruning only
     "helium": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, LLAMA_ATTN, LLAMA_MLP,
                    reload=dict(mode="block_wise", pruning_ratio=0.5, mlp_layers=range(0, 3))),
@@ -366,3 +366,14 @@ def test_olmo2_head_norms_are_rescaled_once_in_memory_under_offload_and_on_repla
     for n, p in fresh.named_parameters():
         if "norm" in n:
             torch.testing.assert_close(p, model.get_parameter(n), atol=0, rtol=0, msg=n)
+
+
+def test_cohere_with_per_head_qk_norms_is_refused_before_loading():
+    """Command R+ (use_qk_norm) keeps a [heads, head_dim] LayerNorm weight per projection, which tracing does
+    not slice with the heads: refused from the config alone, naming the option; Command R is supported."""
+    config = AutoConfig.for_model("cohere", vocab_size=64, **LLAMA_LIKE, use_qk_norm=True)
+    with pytest.raises(UnsupportedArchitectureError, match="use_qk_norm=True .*Command R without use_qk_norm"):
+        get_adapter(config)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedArchitectureError, match="use_qk_norm"):
+        discover(model)

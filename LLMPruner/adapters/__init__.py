@@ -6,10 +6,10 @@ write back after shrinking.
 """
 from __future__ import annotations
 
-from .base import Adapter
+from .base import Adapter, UnsupportedArchitectureError
 from .bloom import BloomAdapter
 from .gemma import GemmaAdapter
-from .llama import GlmAdapter, LlamaAdapter, NonGatedAdapter
+from .llama import CohereAdapter, GlmAdapter, LlamaAdapter, NonGatedAdapter
 from .olmo import OlmoAdapter
 from .opt import OptAdapter
 from .phi3 import Phi3Adapter
@@ -22,13 +22,9 @@ def register(adapter: Adapter) -> None:
         _ADAPTERS[model_type] = adapter
 
 
-for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), OlmoAdapter(), NonGatedAdapter(), Phi3Adapter(),
-                 OptAdapter(), BloomAdapter()):
+for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), OlmoAdapter(), NonGatedAdapter(), CohereAdapter(),
+                 Phi3Adapter(), OptAdapter(), BloomAdapter()):
     register(_adapter)
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
 
 
 def supported_model_types() -> list[str]:
@@ -43,7 +39,9 @@ def get_adapter(config_or_model) -> Adapter:
         raise UnsupportedArchitectureError(
             f"architecture model_type={model_type!r} has no LLMPruner adapter; "
             f"supported: {', '.join(supported_model_types())}")
-    return _ADAPTERS[model_type]
+    adapter = _ADAPTERS[model_type]
+    adapter.check_config(config)
+    return adapter
 
 
 __all__ = ["Adapter", "UnsupportedArchitectureError", "get_adapter", "register", "supported_model_types"]

@@ -29,6 +29,10 @@ def constructible_heads(hidden_size: int, heads: int, kv_heads: int) -> tuple[in
     raise AssertionError("unreachable: (1, 1) always qualifies")
 
 
+class UnsupportedArchitectureError(ValueError):
+    """A model type (or a variant of one) that no adapter prunes; the message lists what is supported."""
+
+
 class Adapter:
     """Base adapter. Subclasses declare module names; the generic code never spells one."""
 
@@ -40,6 +44,10 @@ class Adapter:
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
+
+    def check_config(self, config) -> None:
+        """Refuse a config whose variant this adapter cannot prune (``UnsupportedArchitectureError``
+        naming the option); called by ``get_adapter``, before any weight is read."""
 
     def prepare(self, model: nn.Module) -> None:
         """Install what the stock model lacks (e.g. BLOOM's per-head ALiBi slopes as parameters, so that

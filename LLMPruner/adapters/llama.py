@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..structure import LayerShape, ModelStructure
-from .base import Adapter, constructible_heads
+from .base import Adapter, UnsupportedArchitectureError, constructible_heads
 
 Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_in, fan_out)
 
@@ -155,3 +155,17 @@ class NonGatedAdapter(LlamaAdapter):
 
     def projections(self, layer: nn.Module, shape: LayerShape, hidden: int, head_dim: int) -> list[Projection]:
         return [p for p in super().projections(layer, shape, hidden, head_dim) if p[1] != "gate_proj"]
+
+
+class CohereAdapter(LlamaAdapter):
+    """Cohere's Command R (parallel attention and MLP on one LayerNorm, logit scale): LLaMA names. With
+    ``use_qk_norm`` (Command R+) each head has its own row of a ``[heads, head_dim]`` q/k LayerNorm weight,
+    which tracing does not slice with the head: refused, naming the option."""
+
+    model_types = ("cohere",)
+
+    def check_config(self, config) -> None:
+        if getattr(config, "use_qk_norm", False):
+            raise UnsupportedArchitectureError(
+                "model_type 'cohere' with use_qk_norm=True (Command R+): its per-head q/k LayerNorm weights "
+                "[heads, head_dim] are not sliced with the heads yet; Command R without use_qk_norm is supported")
