@@ -103,6 +103,10 @@ ARCHS = {
     "glm": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2},
                 {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8},
                 {"gate_up_proj.weight": 2, "down_proj.weight": 1}),
+    # GLM-4-0414: GLM plus post-attention and post-MLP norms
+    "glm4": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2},
+                 {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8},
+                 {"gate_up_proj.weight": 2, "down_proj.weight": 1}),
     # MHA with biases everywhere; head_dim is hidden/heads in the stock model: reload MLP-only pruning
     "opt": Arch(dict(hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=32,
                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2),

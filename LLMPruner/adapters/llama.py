@@ -127,10 +127,11 @@ class LlamaAdapter(Adapter):
 
 
 class GlmAdapter(LlamaAdapter):
-    """GLM (``GlmForCausalLM``, ChatGLM's successor in transformers): LLaMA-like with a fused
+    """GLM (``GlmForCausalLM``, ChatGLM's successor in transformers) and GLM-4-0414 (``Glm4ForCausalLM``,
+    with post-attention and post-MLP norms that tracing joins with the hidden size): LLaMA-like with a fused
     ``gate_up_proj`` (rows ``[gate; up]``, split by ``chunk(2)``: tracing pairs row i with row i + I)."""
 
-    model_types = ("glm",)
+    model_types = ("glm", "glm4")
     module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
                     "o_proj": "attention", "gate_up_proj": "mlp", "down_proj": "mlp"}
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
