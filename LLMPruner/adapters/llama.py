@@ -147,9 +147,10 @@ class GlmAdapter(LlamaAdapter):
 
 class NonGatedAdapter(LlamaAdapter):
     """LLaMA layout with a two-projection MLP (``up_proj`` -> activation -> ``down_proj``): Arcee (ReLU²),
-    Apertus (xIELU, per-head q/k norms), Nemotron (ReLU², LayerNorm1P, partial rotary)."""
+    Apertus (xIELU, per-head q/k norms), Nemotron (ReLU², LayerNorm1P, partial rotary), Jais 2 (biases
+    everywhere, LayerNorm)."""
 
-    model_types = ("arcee", "apertus", "nemotron")
+    model_types = ("arcee", "apertus", "nemotron", "jais2")
     module_kinds = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention",
                     "o_proj": "attention", "up_proj": "mlp", "down_proj": "mlp"}
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
