@@ -100,6 +100,9 @@ ARCHS = {
     "jais2": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
                   {**LLAMA_ATTN, "q_proj.bias": 16, "k_proj.bias": 8, "v_proj.bias": 8},
                   {"up_proj.weight": 1, "up_proj.bias": 1, "down_proj.weight": 1}),
+    # one learned attention-sink logit per query head, kept with its head
+    "granite_swa": Arch({**LLAMA_LIKE, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+                        {**LLAMA_ATTN, "self_attn.sinks": 2}, LLAMA_MLP),
     # fused: per KV group, 16 q rows + 8 k rows + 8 v rows of qkv_proj; gate_up row i pairs with row 48 + i
     "phi3": Arch({**LLAMA_LIKE, "pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1},
                  {"qkv_proj.weight": 32, "o_proj.weight": 16}, {"gate_up_proj.weight": 2, "down_proj.weight": 1}),

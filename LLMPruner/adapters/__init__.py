@@ -9,7 +9,7 @@ from __future__ import annotations
 from .base import Adapter, UnsupportedArchitectureError
 from .bloom import BloomAdapter
 from .gemma import GemmaAdapter
-from .llama import CohereAdapter, GlmAdapter, LlamaAdapter, NonGatedAdapter
+from .llama import CohereAdapter, GlmAdapter, LlamaAdapter, NonGatedAdapter, SinkAdapter
 from .olmo import OlmoAdapter
 from .opt import OptAdapter
 from .phi3 import Phi3Adapter
@@ -23,7 +23,7 @@ def register(adapter: Adapter) -> None:
 
 
 for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), OlmoAdapter(), NonGatedAdapter(), CohereAdapter(),
-                 Phi3Adapter(), OptAdapter(), BloomAdapter()):
+                 SinkAdapter(), Phi3Adapter(), OptAdapter(), BloomAdapter()):
     register(_adapter)
 
 

@@ -171,3 +171,16 @@ class CohereAdapter(LlamaAdapter):
             raise UnsupportedArchitectureError(
                 "model_type 'cohere' with use_qk_norm=True (Command R+): its per-head q/k LayerNorm weights "
                 "[heads, head_dim] are not sliced with the heads yet; Command R without use_qk_norm is supported")
+
+
+class SinkAdapter(LlamaAdapter):
+    """LLaMA names with one learned attention-sink logit per query head (``self_attn.sinks``, as GPT-OSS):
+    tracing keeps each head's sink with its head; a layer rebuilt at a pruned shape gets as many sinks."""
+
+    model_types = ("granite_swa",)
+
+    def resize_layer(self, layer: nn.Module, shape: LayerShape, hidden_size: int, head_dim: int) -> None:
+        super().resize_layer(layer, shape, hidden_size, head_dim)
+        old = layer.self_attn.sinks
+        layer.self_attn.sinks = nn.Parameter(torch.empty(shape.num_attention_heads, dtype=old.dtype,
+                                                         device=old.device))
