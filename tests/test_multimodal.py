@@ -31,6 +31,12 @@ def image_text_config(kind: str):
             vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
                                num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
             mm_tokens_per_image=4, image_token_index=590, boi_token_index=591, eoi_token_index=592)
+    if kind == "llava":
+        return AutoConfig.for_model(
+            "llava", text_config=dict(model_type="llama", **TEXT), image_token_index=590,
+            vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+                               projection_dim=16))
     return AutoConfig.for_model(
         "mistral3", text_config=dict(model_type="mistral", **TEXT),
         vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -52,7 +58,7 @@ def logits(model, ids=IDS):
         return model(input_ids=ids, use_cache=False).logits
 
 
-@pytest.fixture(params=["gemma3", "mistral3"])
+@pytest.fixture(params=["gemma3", "mistral3", "llava"])
 def saved(request, tmp_path):
     model = image_text_model(request.param)
     model.save_pretrained(tmp_path / "dense")
@@ -64,7 +70,7 @@ def test_refused_without_the_flag_then_the_language_model_with_the_same_logits(s
     with pytest.raises(CheckpointError, match=f"model_type '{kind}' is an image-text model.*--text_only"):
         load_model(folder)
     model, _ = load_model(folder, text_only=True)
-    assert model.config.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral"}[kind]
+    assert model.config.model_type == {"gemma3": "gemma3_text", "mistral3": "mistral", "llava": "llama"}[kind]
     assert not any("vision" in n or "projector" in n for n, _ in model.named_parameters())
     kept = {id(p): p for p in [*dense.model.language_model.parameters(), *dense.get_output_embeddings().parameters()]}
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in kept.values())

@@ -1,6 +1,6 @@
 """Image-text checkpoints around a supported language model: prune the language model alone (``--text_only``).
 
-Gemma-3 4B-27B (``gemma3``) and Mistral Small 3.1/3.2 (``mistral3``) are published as image-text models:
+Gemma-3 4B-27B (``gemma3``), Mistral Small 3.1/3.2 (``mistral3``) and LLaVA (``llava``) are image-text models:
 their config holds the language model's own config (``text_config``: ``gemma3_text``, ``mistral``) beside a
 ``vision_config``, and the language model lives under ``model.language_model`` with the head ``lm_head``.
 ``text_only_model`` moves those modules (no copy) into the causal LM of ``text_config``: the same logits
