@@ -137,10 +137,10 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
                                      calibration_batch_size, max_fraction=obs_max_fraction, fisher=fisher,
                                      device=linalg_device)
             plan = sequential_prune(model, targets, removed, examples, ridge=ridge,
-                                       batch_size=calibration_batch_size, reselect=reselect,
-                                       grouping=grouping_strategy, target=refit_target,
-                                       reconstruct=Reconstruction(reconstruct_steps, reconstruct_lr, seed=seed),
-                                       linalg_device=linalg_device)
+                                    batch_size=calibration_batch_size, reselect=reselect,
+                                    grouping=grouping_strategy, target=refit_target,
+                                    reconstruct=Reconstruction(reconstruct_steps, reconstruct_lr, seed=seed),
+                                    linalg_device=linalg_device)
             # (already applied layer by layer: the plan records the kept indices and units)
             logger.info("step %d/%d (ratio %.3f), sequential refit:\n%s", step, iterative_steps, ratio,
                         plan.describe())

@@ -36,7 +36,8 @@ def text_config_of(config):
 
 def config_to_prune(config, text_only: bool, source: str):
     """``config`` itself, or its ``text_config`` with ``text_only``; an image-text config without it is a
-    ``CheckpointError`` naming ``--text_only``. ``text_only`` on a text model changes nothing."""
+    ``CheckpointError`` naming ``--text_only``. ``text_only`` on a text model changes nothing. (The text
+    config as stored: ``streamed_text_config`` gives the one a streamed pass builds its model from.)"""
     text = text_config_of(config)
     if text is None:
         return config
@@ -45,20 +46,22 @@ def config_to_prune(config, text_only: bool, source: str):
             f"{source}: model_type {config.model_type!r} is an image-text model around a {text.model_type!r} "
             f"language model; --text_only prunes that language model alone (the vision tower and projector "
             f"are dropped, the result is a text-only {text.model_type!r} checkpoint)")
-    text = copy.deepcopy(text)
-    text.tie_word_embeddings = _ties_head(config)
     return text
 
 
-def _ties_head(config) -> bool:
-    """Whether the image-text model of ``config`` shares its head with the embedding (the composite
-    config's flag may disagree with ``text_config``'s: the built model decides; on the meta device)."""
+def streamed_text_config(config):
+    """A copy of the image-text ``config``'s ``text_config`` whose ``tie_word_embeddings`` is what the built
+    image-text model does (the composite config's flag may disagree with ``text_config``'s; decided on the
+    meta device), for a model that is never loaded whole (``--offload``)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText
     with init_empty_weights():
         model = AutoModelForImageTextToText.from_config(config)
     model.tie_weights()  # what loading does (on the meta device, building alone does not)
-    return model.get_output_embeddings().weight is model.model.language_model.get_input_embeddings().weight
+    text = copy.deepcopy(text_config_of(config))
+    text.tie_word_embeddings = model.get_output_embeddings().weight is \
+        model.model.language_model.get_input_embeddings().weight
+    return text
 
 
 def text_only_model(model: nn.Module) -> nn.Module:

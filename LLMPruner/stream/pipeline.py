@@ -63,7 +63,7 @@ def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, 
     from ..checkpoint import load_model
     from ..checkpoint.gguf_in import gguf_file_of
     from ..checkpoint.load import has_tokenizer
-    from ..checkpoint.multimodal import TextOnlySource, config_to_prune
+    from ..checkpoint.multimodal import TextOnlySource, config_to_prune, streamed_text_config
     from .gguf_source import open_gguf
     from .weights import SafetensorsSource, is_safetensors_folder
     if is_safetensors_folder(name_or_path):
@@ -73,6 +73,7 @@ def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, 
             get_adapter(config)
             tokenizer = AutoTokenizer.from_pretrained(name_or_path) if has_tokenizer(Path(name_or_path)) else None
             if config is not full:
+                config = streamed_text_config(full)
                 return TextOnlySource(SafetensorsSource(name_or_path), config), tokenizer, config
             return Path(name_or_path), tokenizer, config
     gguf_file = gguf_file_of(Path(name_or_path)) if Path(name_or_path).exists() else None
