@@ -37,10 +37,14 @@ from LLMPruner.data.calibration import calibration_examples
 from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
 from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
 from LLMPruner.prompts import REFERENCE_PROMPTS
-from LLMPruner.prune_args import add_beyond_args, add_offload_args, check_beyond_args, check_offload_args
+from LLMPruner.experts import check_expert_count, choose_experts, kept_experts, remove_experts
+from LLMPruner.plan import PruningPlan
+from LLMPruner.prune_args import (add_beyond_args, add_expert_args, add_offload_args, check_beyond_args,
+                                  check_expert_args, check_offload_args)
 from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
 from LLMPruner.run_folder import RunFolder
 from LLMPruner.shrink import count_parameters
+from LLMPruner.structure import ModelStructure
 from LLMPruner.stream.pipeline import open_source, prune_offloaded
 from LLMPruner.stream.weights import skeleton
 from LLMPruner.stream.placement import parse_device_map, place_model, unplace_model
@@ -56,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--base_model", default="huggyllama/llama-7b", help="HF id or local folder (plain, pruned or Meta layout)")
     a("--save_ckpt_log_name", default="llama_prune", help="name of the folder under --log_dir")
     a("--log_dir", default="prune_log", help="where the run's folder is created")
-    a("--pruning_ratio", type=float, default=0.5, help="fraction of heads/channels removed in each pruned layer")
+    a("--pruning_ratio", type=float, default=None,
+      help="fraction of heads/channels removed in each pruned layer (default 0.5)")
     a("--pruner_type", default="l2", choices=ALL_PRUNERS,
       help="importance estimator (fluctuation: FLAP, wanda: |W|*||x||; both forward-only)")
     a("--taylor", default="param_first", choices=TAYLOR_MODES, help="Taylor variant (with --pruner_type taylor)")
@@ -101,12 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="also write the pruned model as <run folder>/model.gguf for llama.cpp (per-layer shapes included)")
     a("--gguf_outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="tensor type of --save_gguf")
     a("--seed", type=int, default=42, help="random seed")
+    add_expert_args(p)
     add_offload_args(p)
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    if not (args.block_wise or args.channel_wise or args.layer_wise):
+    check_expert_args(p, args)  # --prune_experts replaces every width mode
+    if args.pruning_ratio is None and not args.prune_experts:
+        args.pruning_ratio = 0.5
+    if not (args.block_wise or args.channel_wise or args.layer_wise or args.prune_experts):
         args.block_wise = True  # the paper's main mode
-    if not 0.0 <= args.pruning_ratio < 1.0:
+    if args.pruning_ratio is not None and not 0.0 <= args.pruning_ratio < 1.0:
         p.error(f"--pruning_ratio {args.pruning_ratio}: must be in [0, 1)")
     if args.num_examples < 1:
         p.error(f"--num_examples {args.num_examples}: must be >= 1")
@@ -130,9 +139,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         cli.check_min(f"--{flag}", getattr(args, flag), 1)
     cli.check_min("--prune_layers", args.prune_layers, 0)
     cli.check_source("--base_model", args.base_model, "model", "--base_model ../shared/models/stories260K")
-    needs_data = args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none" \
-        or args.prune_layers > 0
-    if needs_data and not args.layer_wise:
+    if needs_calibration(args):
         cli.check_source("--calibration_data", args.calibration_data, "dataset",
                          "--calibration_data ../shared/data/c4/c4_demo.jsonl (a .txt/.jsonl/.json file)")
     if args.eval_data_dir is not None and not Path(args.eval_data_dir).is_dir():
@@ -148,6 +155,14 @@ def check_inputs(args: argparse.Namespace) -> None:
     cli.check_writable_dir("--log_dir", args.log_dir)
 
 
+def needs_calibration(args: argparse.Namespace) -> bool:
+    """Whether the run reads calibration text (--layer_wise keeps the first --layer layers: no data)."""
+    if args.prune_experts:
+        return args.expert_importance != "random"
+    return (args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none"
+            or args.prune_layers > 0) and not args.layer_wise
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.offload:
@@ -156,11 +171,15 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
                                   allow_pickle=args.allow_pickle, text_only=args.text_only)
-    get_adapter(model)
+    adapter = get_adapter(model)
+    if args.prune_experts:  # an expert count the model cannot lose fails before anything is written
+        check_expert_count(model, args.prune_experts)
+    else:
+        adapter.check_width_pruning(model.config)
     if args.save_gguf:
         check_gguf_exportable(model)  # an architecture llama.cpp cannot run fails before any work
     resolve_target(args, model)
-    ranges = check_against_model(model.config, args)
+    ranges = check_against_model(model.config, args) if not args.prune_experts else {}
     if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
         check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
@@ -197,9 +216,7 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
 
     # 3. discover -> score -> select -> shrink
     examples = None
-    needs_data = args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none" \
-        or args.prune_layers > 0
-    if needs_data and not args.layer_wise:  # --layer_wise keeps the first --layer layers: no data
+    if needs_calibration(args):
         examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
                                         args.calibration_seq_len, args.seed)
     if args.device_map:
@@ -207,29 +224,18 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     else:
         model.to(args.device)
     before = count_parameters(model)
-    _log_linalg(args)
     t0 = time.perf_counter()
-    mode = "layer_wise" if args.layer_wise else "channel_wise" if args.channel_wise else "block_wise"
-    result = prune(model, mode=mode, pruning_ratio=args.pruning_ratio, pruner_type=args.pruner_type,
-                   taylor=args.taylor, grouping_strategy=args.grouping_strategy, layer=args.layer,
-                   iterative_steps=args.iterative_steps, global_pruning=args.global_pruning,
-                   examples=examples, seed=args.seed, round_to=args.round_to, param_budget=args.param_budget,
-                   compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
-                   layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
-                   query_heads=args.query_heads, budget_criterion=args.budget_criterion,
-                   unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
-                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher,
-                   reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
-                   linalg_device=args.linalg_device, **ranges)
+    plans, structure = prune_experts(model, args, examples) if args.prune_experts \
+        else prune_widths(model, args, ranges, examples)
     if args.device_map:
         unplace_model(model, args.device)
     after = count_parameters(model)
     results.update(params_before=before, params_after=after, ratio=after / before,
-                   prune_seconds=round(time.perf_counter() - t0, 2), structure=result.structure.to_dict())
+                   prune_seconds=round(time.perf_counter() - t0, 2), structure=structure.to_dict())
     log_target(args)
     logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", before, after, 100 * after / before)
-    logger.info("structure:\n%s", result.structure.describe())
-    (log_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in result.plans]))
+    logger.info("structure:\n%s", structure.describe())
+    (log_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plans]))
 
     # 4. the pruned checkpoint, before any evaluation that could fail
     results["saved_model"] = bool(args.save_model)
@@ -243,6 +249,32 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     model.to(args.device)
     write_results(log_dir, results)
     return results
+
+
+def prune_experts(model, args, examples) -> tuple[list[PruningPlan], ModelStructure]:
+    """--prune_experts: the same number of whole experts leaves every MoE layer (LLMPruner/experts.py)."""
+    plan = choose_experts(model, args.prune_experts, examples, args.expert_importance,
+                          batch_size=args.calibration_batch_size, seed=args.seed)
+    remove_experts(model, kept_experts(plan, model))
+    return [plan], get_adapter(model).read_structure(model)
+
+
+def prune_widths(model, args, ranges: dict, examples) -> tuple[list[PruningPlan], ModelStructure]:
+    """Heads, channels, the hidden size or layers (LLMPruner/prune.py)."""
+    _log_linalg(args)
+    mode = "layer_wise" if args.layer_wise else "channel_wise" if args.channel_wise else "block_wise"
+    result = prune(model, mode=mode, pruning_ratio=args.pruning_ratio, pruner_type=args.pruner_type,
+                   taylor=args.taylor, grouping_strategy=args.grouping_strategy, layer=args.layer,
+                   iterative_steps=args.iterative_steps, global_pruning=args.global_pruning,
+                   examples=examples, seed=args.seed, round_to=args.round_to, param_budget=args.param_budget,
+                   compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
+                   layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
+                   query_heads=args.query_heads, budget_criterion=args.budget_criterion,
+                   unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
+                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher,
+                   reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
+                   linalg_device=args.linalg_device, **ranges)
+    return result.plans, result.structure
 
 
 def evaluate_after(model, tokenizer, args, log_dir: Path, results: dict) -> None:

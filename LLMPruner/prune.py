@@ -82,6 +82,7 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
     ``linalg_device``: where the refit's and OBS's float64 statistics and solves run (default: the host;
     a GPU is much faster on 7B-70B MLPs and needs about five ``[in, in]`` float64 matrices there)."""
     adapter = get_adapter(model)
+    adapter.check_width_pruning(model.config)
     n_layers = len(adapter.decoder_layers(model))
     result = PruneResult()
     if mode == "layer_wise":  # the reference's: keep the first ``layer`` layers, no scores, no data

@@ -8,6 +8,7 @@ import argparse
 from .budget import BUDGET_CRITERIA, parse_count
 from .compensate import COMPENSATIONS
 from .depth import LAYER_IMPORTANCES
+from .experts import EXPERT_IMPORTANCES
 from .obs import DAMP, SELECTIONS, check_selection
 from .obs_allocation import ALLOCATIONS
 from .reconstruct import LR as RECONSTRUCT_LR, check_reconstruction
@@ -105,6 +106,43 @@ def check_beyond_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.linalg_device != "cpu" and args.compensation != "refit":
         p.error(f"--linalg_device {args.linalg_device}: only --compensation refit (its statistics, OBS selection and "
                 f"solves) runs float64 linear algebra there, not --compensation {args.compensation}; drop it")
+
+
+def add_expert_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixture-of-experts models (LLMPruner/experts.py)")
+    g.add_argument("--prune_experts", type=int, default=0,
+                   help="remove this many whole experts from every MoE layer (the same count in each, so the "
+                        "result is a stock checkpoint with fewer experts); nothing else is pruned")
+    g.add_argument("--expert_importance", default="reap", choices=EXPERT_IMPORTANCES,
+                   help="--prune_experts: which experts go: reap (router weight x output norm, averaged over the "
+                        "tokens routed to the expert; REAP, 2025), frequency (how often the router chooses it) "
+                        "or random")
+
+
+#: flags of the width modes, with the test that says a run gave them
+WIDTH_FLAGS = {
+    "--pruning_ratio": lambda a: a.pruning_ratio is not None, "--block_wise": lambda a: a.block_wise,
+    "--channel_wise": lambda a: a.channel_wise, "--layer_wise": lambda a: a.layer_wise,
+    "--param_budget": lambda a: a.param_budget is not None, "--target_params": lambda a: a.target_params is not None,
+    "--compensation": lambda a: a.compensation != "none", "--selection": lambda a: a.selection != "score",
+    "--prune_layers": lambda a: a.prune_layers > 0, "--query_heads": lambda a: a.query_heads,
+    "--skip_attention": lambda a: a.skip_attention, "--iterative_steps": lambda a: a.iterative_steps != 1,
+    "--global_pruning": lambda a: a.global_pruning, "--reconstruct_steps": lambda a: a.reconstruct_steps > 0,
+    "--offload (expert pruning runs in memory)": lambda a: a.offload,
+    "--save_gguf (the GGUF exporter writes dense LLaMA-family models)": lambda a: a.save_gguf,
+}
+
+
+def check_expert_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--prune_experts`` is a mode of its own: refuse a negative count and every width flag with it."""
+    if args.prune_experts < 0:
+        p.error(f"--prune_experts {args.prune_experts}: must be >= 1 (experts removed from every MoE layer)")
+    if not args.prune_experts:
+        return
+    given = [flag for flag, test in WIDTH_FLAGS.items() if test(args)]
+    if given:
+        p.error(f"--prune_experts {args.prune_experts} removes whole experts and nothing else; drop "
+                f"{', '.join(given)} (heads and channels of mixture-of-experts models are not pruned)")
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:

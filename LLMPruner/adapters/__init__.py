@@ -10,6 +10,7 @@ from .base import Adapter, UnsupportedArchitectureError
 from .bloom import BloomAdapter
 from .gemma import GemmaAdapter
 from .llama import CohereAdapter, GlmAdapter, LlamaAdapter, NonGatedAdapter, SinkAdapter
+from .moe import MoeAdapter
 from .olmo import OlmoAdapter
 from .opt import OptAdapter
 from .phi3 import Phi3Adapter
@@ -23,7 +24,7 @@ def register(adapter: Adapter) -> None:
 
 
 for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), OlmoAdapter(), NonGatedAdapter(), CohereAdapter(),
-                 SinkAdapter(), Phi3Adapter(), OptAdapter(), BloomAdapter()):
+                 SinkAdapter(), Phi3Adapter(), OptAdapter(), BloomAdapter(), MoeAdapter()):
     register(_adapter)
 
 

@@ -41,9 +41,21 @@ class Adapter:
     module_kinds: dict[str, GroupKind] = {}
     #: every linear projection of a decoder layer (the default LoRA targets)
     lora_target_modules: tuple[str, ...] = ()
+    #: mixture-of-experts models: only whole experts are removed (``LLMPruner/experts.py``)
+    experts_only: bool = False
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
+
+    def check_width_pruning(self, config) -> None:
+        """Refuse pruning heads, channels, the hidden size or layers of a model this adapter only prunes
+        by whole experts, naming the flag that does."""
+        if self.experts_only:
+            raise UnsupportedArchitectureError(
+                f"model_type {getattr(config, 'model_type', None)!r} is a mixture of experts: LLMPruner removes its "
+                "whole experts (hf_prune.py --prune_experts N, with --expert_importance reap); pruning its heads, "
+                "channels, hidden size or layers (--block_wise, --channel_wise, --layer_wise, --prune_layers, "
+                "--param_budget) is not supported")
 
     def check_config(self, config) -> None:
         """Refuse a config whose variant this adapter cannot prune (``UnsupportedArchitectureError``

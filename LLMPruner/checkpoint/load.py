@@ -106,7 +106,8 @@ def load_pruned(folder: str | Path, device_map: str | dict | None = None,
         tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
         return model, tokenizer
     cls = PRUNED_CLASSES[config.model_type] if heterogeneous else AutoModelForCausalLM
-    _check_tensors(folder, stock_shapes(cls, config))
+    if not _renamed_on_save(config.model_type):
+        _check_tensors(folder, stock_shapes(cls, config))
     model, info = cls.from_pretrained(folder, config=config, device_map=device_map,
                                       dtype=torch_dtype if torch_dtype is not None else "auto",
                                       output_loading_info=True, **from_pretrained_kwargs)
@@ -164,6 +165,16 @@ def _verify_checksums(folder: Path, record: dict) -> None:
         if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: SHA-256 differs from the one recorded at save time: the file is "
                                   "truncated, corrupted or was modified (pass verify_checksums=False to skip)")
+
+
+def _renamed_on_save(model_type: str) -> bool:
+    """Whether transformers writes this type's weights under other names than the model's own (MoE experts:
+    fused ``[E, ...]`` in memory, one tensor per expert on disk): its loader converts them, and checks them."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers: names on disk are the model's
+        return False
+    return bool(get_checkpoint_conversion_mapping(model_type))
 
 
 def _check_tensors(folder: Path, expected: dict[str, tuple[int, ...]]) -> None:

@@ -5,6 +5,7 @@ it is. For one sequence of ``T`` tokens::
 
     linear MACs    = T * sum(in_features * out_features)        over every nn.Linear (lm_head included)
     attention MACs = sum over layers of 2 * heads_l * head_dim * T * T   (QK^T and attn @ V, full square)
+    expert MACs    = T * sum over MoE layers of (top_k * one expert's weights + the router's)   (active ones)
 
 Embedding look-ups, norms, activations and softmax are not counted (as ptflops does for LLaMA).
 """
@@ -34,12 +35,17 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
-    """``{"linear", "attention", "total"}`` multiply-accumulates of one forward pass over ``seq_len`` tokens."""
+    """``{"linear", "attention", "experts", "total"}`` multiply-accumulates of one forward pass over ``seq_len``
+    tokens (``experts``: the mixture-of-experts layers' routers and the ``top_k`` experts each token runs)."""
+    from ..experts import moe_layers
     linear = seq_len * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     structure = get_adapter(model).read_structure(model)
     attention = sum(2 * s.num_attention_heads * structure.head_dim * seq_len * seq_len
                     for s in structure.layers)
-    return {"linear": linear, "attention": attention, "total": linear + attention}
+    top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
+    experts = seq_len * sum(top_k * sum(p[0].numel() for p in moe.experts.parameters() if p.dim() == 3)
+                            + moe.router.weight.numel() for moe in moe_layers(model))
+    return {"linear": linear, "attention": attention, "experts": experts, "total": linear + attention + experts}
 
 
 def _sync(device: torch.device) -> None:

@@ -62,6 +62,7 @@ class Discovery:
 def discover(model: nn.Module, example_ids: torch.Tensor | None = None) -> Discovery:
     """Trace ``model`` once and return its prunable families and whole-layer groups."""
     adapter = get_adapter(model)
+    adapter.check_width_pruning(model.config)
     adapter.prepare(model)
     if example_ids is None:
         device = next(model.parameters()).device
