@@ -135,7 +135,8 @@ class _Recorder:
             values = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments.values())
             if len(values) < 3:
                 raise ExpertPruningError(f"layer {moe.index}: {type(module).__name__}'s forward does not take "
-                                         "(hidden_states, top_k_index, top_k_weights); this MoE layout is not supported")
+                                         "(hidden_states, top_k_index, top_k_weights); this MoE layout is not "
+                                         "supported")
             x, index, weight = values[0], values[1], values[2]
             with torch.no_grad():
                 self._record(moe, module, x, index, weight)
@@ -218,8 +219,9 @@ def remove_experts(model: nn.Module, keep: dict[int, list[int]]) -> None:
     layers = moe_layers(model)
     counts = {len(keep[m.index]) for m in layers if m.index in keep}
     if set(keep) != {m.index for m in layers} or len(counts) != 1:
+        got = {k: len(v) for k, v in keep.items()}
         raise ExpertPruningError("remove_experts: give the kept experts of every MoE layer, the same number in each "
-                                 f"(MoE layers {[m.index for m in layers]}, got {dict((k, len(v)) for k, v in keep.items())})")
+                                 f"(MoE layers {[m.index for m in layers]}, got counts {got})")
     n_new = counts.pop()
     key = count_key(model.config)
     for moe in layers:

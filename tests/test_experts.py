@@ -1,6 +1,6 @@
 """Mixture-of-experts models: whole experts removed (``LLMPruner/experts.py``, ``hf_prune.py --prune_experts``).
 
-Tiny Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE and GPT-OSS models built in code (transformers 5's fused
+Tiny Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, PhiMoE, FlexOlmo and Command A MoE models built in code (transformers 5's fused
 ``[E, ...]`` experts): the scores are what the router and the experts compute (frequency counted from the
 router's choices, REAP by hand), removing experts no token chose leaves renormalising routers' logits
 exactly unchanged, every layer loses the same experts count, the result reloads with the stock class
@@ -34,8 +34,11 @@ MOE = {  # the keyword each type spells its expert count with, and what else it 
     "olmoe": dict(num_experts=E),
     "gpt_oss": dict(num_local_experts=E, layer_types=["full_attention", "sliding_attention", "full_attention"],
                     sliding_window=4),
+    "phimoe": dict(num_local_experts=E),
+    "flex_olmo": dict(num_local_experts=E),
+    "cohere2_moe": dict(num_experts=E),
 }
-RENORMALISING = ("qwen3_moe", "mixtral", "gpt_oss")  # the top-k weights sum to one
+RENORMALISING = ("qwen3_moe", "mixtral", "gpt_oss", "flex_olmo", "cohere2_moe")  # the top-k weights sum to one
 
 
 def build(model_type: str, seed: int = 0):

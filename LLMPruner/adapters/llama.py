@@ -77,8 +77,12 @@ class LlamaAdapter(Adapter):
             heads = layer.self_attn.o_proj.weight.shape[1] // head_dim
             shapes.append(LayerShape(num_attention_heads=heads,
                                      num_key_value_heads=self.kv_heads(layer, heads, head_dim),
-                                     intermediate_size=layer.mlp.down_proj.weight.shape[1]))
+                                     intermediate_size=self.mlp_width(layer.mlp, model.config)))
         return ModelStructure(hidden_size=hidden, head_dim=head_dim, layers=shapes)
+
+    def mlp_width(self, mlp: nn.Module, config) -> int:
+        """A layer's MLP channels, read from ``down_proj``'s input."""
+        return mlp.down_proj.weight.shape[1]
 
     def update_config(self, model: nn.Module) -> ModelStructure:
         structure = self.read_structure(model)
