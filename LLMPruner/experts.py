@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 ExpertImportance = Literal["reap", "frequency", "random"]
 EXPERT_IMPORTANCES = ("reap", "frequency", "random")
-#: config attributes holding the expert count, in the order they are looked for
-COUNT_KEYS = ("num_experts", "num_local_experts")
+#: config (and module) attributes holding the expert count, in the order they are looked for
+COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 class ExpertPruningError(ValueError):
@@ -52,11 +52,12 @@ class MoELayer:
     index: int            # decoder layer
     block: nn.Module      # the layer's sparse MLP
     experts: nn.Module    # 3-D parameters [E, ...]
-    router: nn.Module     # weight [E, hidden] (and a bias [E] for GPT-OSS)
+    router: nn.Module     # holds the [E, hidden] weight (GPT-OSS: and a bias; Hunyuan: in ``router.wg``)
+    num_experts: int
 
-    @property
-    def num_experts(self) -> int:
-        return self.router.weight.shape[0]
+    def top_k(self, config) -> int:
+        k = getattr(self.router, "top_k", None) or getattr(config, "num_experts_per_tok", None) or 1
+        return int(k)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
@@ -69,21 +70,23 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
         block = getattr(layer, "mlp", None)
         experts = getattr(block, "experts", None)
         router = getattr(block, "router", None) or getattr(block, "gate", None)
-        weight = getattr(router, "weight", None)
-        if experts is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        if experts is None or not isinstance(router, nn.Module):
             continue
-        n = weight.shape[0]
+        weights = [p for p in router.parameters() if p.dim() == 2]
+        if len(weights) != 1:
+            continue
+        n = weights[0].shape[0]
         params = list(experts.named_parameters(recurse=False))
         if not params or any(p.dim() < 2 or p.shape[0] != n for _, p in params):
             continue  # not the fused [E, ...] layout of transformers 5
-        found.append(MoELayer(i, block, experts, router))
+        found.append(MoELayer(i, block, experts, router, n))
     return found
 
 
 def count_key(config) -> str:
     """The config attribute that holds the number of experts."""
     for key in COUNT_KEYS:
-        if isinstance(getattr(config, key, None), int):
+        if isinstance(getattr(config, key, None), (int, list)):
             return key
     raise ExpertPruningError(f"model_type {getattr(config, 'model_type', None)!r}: no {' / '.join(COUNT_KEYS)} "
                              "in the config, so the expert count cannot be written back")
@@ -101,11 +104,28 @@ def check_expert_count(model: nn.Module, n_remove: int) -> list[MoELayer]:
     if len(counts) != 1:
         raise ExpertPruningError(f"--prune_experts: the MoE layers hold different expert counts {sorted(counts)}")
     n = counts.pop()
-    top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
+    top_k = max(moe.top_k(model.config) for moe in layers)
     if not isinstance(n_remove, int) or not 1 <= n_remove <= n - top_k:
         raise ExpertPruningError(f"--prune_experts {n_remove}: must be between 1 and {n - top_k} (each MoE layer "
                                  f"has {n} experts and every token is routed to {top_k})")
+    groups = expert_groups(model.config)
+    if groups > 1:
+        per_group = (n - n_remove) // groups
+        if n_remove % groups or per_group < 2 or per_group * _topk_group(model.config) < top_k:
+            raise ExpertPruningError(
+                f"--prune_experts {n_remove}: the router scores {groups} groups of {n // groups} experts (n_group) and "
+                f"routes within the best {_topk_group(model.config)} (topk_group): remove a multiple of {groups}, "
+                f"leaving every group at least 2 experts and enough for top-{top_k}")
     return layers
+
+
+def expert_groups(config) -> int:
+    """DeepSeek-V3-style group-limited routing (``n_group`` contiguous groups of experts; 1 otherwise)."""
+    return int(getattr(config, "n_group", None) or 1)
+
+
+def _topk_group(config) -> int:
+    return int(getattr(config, "topk_group", None) or 1)
 
 
 class _Recorder:
@@ -194,8 +214,11 @@ def choose_experts(model: nn.Module, n_remove: int, examples: torch.Tensor | Non
     check_expert_count(model, n_remove)
     scores = expert_scores(model, examples, importance, batch_size=batch_size, seed=seed)
     removed = {}
+    groups = expert_groups(model.config)
     for layer, s in scores.items():
-        drop = sorted(torch.argsort(s, stable=True)[:n_remove].tolist())
+        size = len(s) // groups  # the same number leaves every group, so the groups stay contiguous and equal
+        drop = sorted(g * size + e for g in range(groups)
+                      for e in torch.argsort(s[g * size:(g + 1) * size], stable=True)[:n_remove // groups].tolist())
         removed[f"experts@{layer}"] = drop
         logger.info("layer %d: expert %s %s; removing %s", layer, importance,
                     [round(float(v), 4) for v in s], drop)
@@ -230,17 +253,26 @@ def remove_experts(model: nn.Module, keep: dict[int, list[int]]) -> None:
         if len(set(keep[moe.index])) != len(idx) or idx.min() < 0 or idx.max() >= n:
             raise ExpertPruningError(f"remove_experts: layer {moe.index} keeps {keep[moe.index]}, not distinct "
                                      f"experts of 0..{n - 1}")
-        for module in (moe.experts, moe.router):
-            for name, p in list(module.named_parameters(recurse=False)):
-                if p.shape[0] == n:
-                    new = nn.Parameter(p.index_select(0, idx.to(p.device)).contiguous(), requires_grad=p.requires_grad)
-                    setattr(module, name, new)
-        for module in (moe.block, moe.experts, moe.router):
-            for attr in ("num_experts", "num_local_experts"):
+        # the experts' [E, ...] tensors, the router's rows (its bias, a score-correction bias) and a
+        # block-level score-correction bias (MiniMax-M2)
+        for module in [moe.block, moe.experts] + list(moe.router.modules()):
+            for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if t.dim() >= 1 and t.shape[0] == n:
+                    _replace(module, name, t, t.index_select(0, idx.to(t.device)).contiguous())
+        for module in [moe.block, moe.experts] + list(moe.router.modules()):
+            for attr in COUNT_KEYS + ("num_local_experts",):
                 if isinstance(getattr(module, attr, None), int):
                     setattr(module, attr, n_new)
     for module in (model, getattr(model, "model", None)):  # e.g. the causal LM's count for the balancing loss
         if isinstance(getattr(module, "num_experts", None), int):
             module.num_experts = n_new
-    setattr(model.config, key, n_new)
+    setattr(model.config, key, [n_new] * len(getattr(model.config, key)) if isinstance(getattr(model.config, key), list)
+            else n_new)
     logger.info("kept %d experts in each of %d MoE layers (config.%s = %d)", n_new, len(layers), key, n_new)
+
+
+def _replace(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        module.register_buffer(name, new, persistent=name not in module._non_persistent_buffers_set)

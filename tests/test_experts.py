@@ -1,6 +1,7 @@
 """Mixture-of-experts models: whole experts removed (``LLMPruner/experts.py``, ``hf_prune.py --prune_experts``).
 
-Tiny Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, PhiMoE, FlexOlmo and Command A MoE models built in code (transformers 5's fused
+Tiny Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, PhiMoE, FlexOlmo, Command A MoE, GLM-4.5 (``glm4_moe``),
+MiniMax-M2 and Hunyuan-A13B models built in code (transformers 5's fused
 ``[E, ...]`` experts): the scores are what the router and the experts compute (frequency counted from the
 router's choices, REAP by hand), removing experts no token chose leaves renormalising routers' logits
 exactly unchanged, every layer loses the same experts count, the result reloads with the stock class
@@ -37,8 +38,13 @@ MOE = {  # the keyword each type spells its expert count with, and what else it 
     "phimoe": dict(num_local_experts=E),
     "flex_olmo": dict(num_local_experts=E),
     "cohere2_moe": dict(num_experts=E),
+    "glm4_moe": dict(n_routed_experts=E, first_k_dense_replace=1, moe_intermediate_size=16, n_group=1, topk_group=1,
+                     norm_topk_prob=True),
+    "minimax_m2": dict(num_local_experts=E),
+    "hunyuan_v1_moe": dict(num_experts=E, moe_topk=TOP_K),
 }
-RENORMALISING = ("qwen3_moe", "mixtral", "gpt_oss", "flex_olmo", "cohere2_moe")  # the top-k weights sum to one
+DENSE_LAYERS = {"qwen3_moe": [1], "glm4_moe": [0]}  # layers with a dense MLP in these configs
+RENORMALISING = ("qwen3_moe", "mixtral", "gpt_oss", "flex_olmo", "cohere2_moe", "glm4_moe", "hunyuan_v1_moe")  # the top-k weights sum to one
 
 
 def build(model_type: str, seed: int = 0):
@@ -60,7 +66,7 @@ def calibration(n: int = 6, seq: int = 12, seed: int = 1) -> torch.Tensor:
 
 
 def moe_indices(model_type: str) -> list[int]:
-    return [0, 2] if model_type == "qwen3_moe" else [0, 1, 2]  # Qwen3's layer 1 is a dense MLP here
+    return [i for i in range(3) if i not in DENSE_LAYERS.get(model_type, [])]
 
 
 @pytest.mark.parametrize("model_type", sorted(MOE))
@@ -68,7 +74,8 @@ def test_moe_layers_are_found_with_their_routers(model_type):
     model = build(model_type)
     layers = moe_layers(model)
     assert [m.index for m in layers] == moe_indices(model_type)
-    assert all(m.num_experts == E and m.router.weight.shape == (E, 32) for m in layers)
+    assert all(m.num_experts == E and [tuple(p.shape) for p in m.router.parameters() if p.dim() == 2] == [(E, 32)]
+               for m in layers)
     assert moe_layers(AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         vocab_size=64))) == []
@@ -267,3 +274,36 @@ def test_macs_count_the_experts_each_token_runs_and_the_router():
     assert macs["total"] == macs["linear"] + macs["attention"] + macs["experts"]
     remove_experts(model, {i: list(range(4, E)) for i in (0, 2)})
     assert count_macs(model, 10)["experts"] == 10 * 2 * (TOP_K * 3 * 16 * 32 + (E - 4) * 32)
+
+
+def test_group_limited_routing_loses_the_same_experts_count_in_every_group():
+    """GLM-4.5 / DeepSeek-V3-style routers score contiguous groups of experts (n_group) and route within the
+    best topk_group: each group loses the same number of its own lowest-scored experts, so the groups stay
+    contiguous and equal, and the score-correction bias follows its experts."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("glm4_moe", **BASE, **{**MOE["glm4_moe"], "n_group": 4, "topk_group": 2})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2 if p.dim() > 1 else torch.randn_like(p) * 0.02)
+        for moe in moe_layers(model):
+            moe.router.e_score_correction_bias.copy_(torch.arange(E, dtype=torch.float32) / 100)
+    ids = calibration()
+    for bad in (2, 6, 12):  # not a multiple of the 4 groups, or fewer than 2 experts left in a group
+        with pytest.raises(ExpertPruningError, match=f"--prune_experts {bad}: the router scores 4 groups of 4"):
+            check_expert_count(model, bad)
+    scores = expert_scores(model, ids, "reap")
+    plan = choose_experts(model, 4, ids, "reap")
+    for i, s in scores.items():
+        gone = plan.removed_units[f"experts@{i}"]
+        assert [g for g in range(4) for e in gone if e // 4 == g] == [0, 1, 2, 3]
+        assert all(s[e] <= min(s[g * 4 + k] for k in range(4) if g * 4 + k not in gone)
+                   for g in range(4) for e in gone if e // 4 == g)
+    keep = kept_experts(plan, model)
+    remove_experts(model, keep)
+    for moe in moe_layers(model):
+        expected = torch.tensor(keep[moe.index], dtype=torch.float32) / 100
+        torch.testing.assert_close(moe.router.e_score_correction_bias, expected)
+        assert moe.router.num_experts == E - 4 and moe.experts.num_experts == E - 4
+    assert model.config.n_routed_experts == E - 4
+    assert torch.isfinite(logits(model)).all()

@@ -1,6 +1,7 @@
 """Mixture-of-experts decoders in transformers 5's fused layout (``mlp.experts`` holding ``[E, ...]``
 parameters, a router ``mlp.gate`` / ``mlp.router`` of ``[E, hidden]``): Qwen2-MoE, Qwen3-MoE, Mixtral,
-OLMoE, GPT-OSS, PhiMoE, FlexOlmo, Command A MoE (``cohere2_moe``). LLMPruner removes their whole experts (``LLMPruner/experts.py``, ``hf_prune.py
+OLMoE, GPT-OSS, PhiMoE, FlexOlmo, Command A MoE (``cohere2_moe``), GLM-4.5/4.6 (``glm4_moe``, group-limited
+routing with a score-correction bias), MiniMax-M2, Hunyuan-A13B (``hunyuan_v1_moe``). LLMPruner removes their whole experts (``LLMPruner/experts.py``, ``hf_prune.py
 --prune_experts``); heads, channels, the hidden size and layers of these models are not pruned
 (``experts_only``), so the shapes the config describes never change except the expert count, which
 ``remove_experts`` writes."""
@@ -13,7 +14,8 @@ from .llama import LlamaAdapter
 
 
 class MoeAdapter(LlamaAdapter):
-    model_types = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "phimoe", "flex_olmo", "cohere2_moe")
+    model_types = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "phimoe", "flex_olmo", "cohere2_moe",
+                   "glm4_moe", "minimax_m2", "hunyuan_v1_moe")
     experts_only = True
     lora_target_modules = ("q_proj", "k_proj", "v_proj", "o_proj")  # the experts are 3-D parameters
 

@@ -44,7 +44,8 @@ def count_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
                     for s in structure.layers)
     top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
     experts = seq_len * sum(top_k * sum(p[0].numel() for p in moe.experts.parameters() if p.dim() == 3)
-                            + moe.router.weight.numel() for moe in moe_layers(model))
+                            + sum(p.numel() for p in moe.router.parameters() if p.dim() == 2)
+                            for moe in moe_layers(model))
     return {"linear": linear, "attention": attention, "experts": experts, "total": linear + attention + experts}
 
 
