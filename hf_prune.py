@@ -165,6 +165,8 @@ def needs_calibration(args: argparse.Namespace) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.offload and args.prune_experts:
+        return main_experts_offload(args)
     if args.offload:
         return main_offload(args)
     # 1. load the model and check the flags against it (nothing is written before they are known good)
@@ -410,6 +412,57 @@ def main_offload(args: argparse.Namespace) -> int:
             from LLMPruner.checkpoint import load_pruned
             model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
             evaluate_after(model, tokenizer, args, run.path, results)
+    return 0
+
+
+def main_experts_offload(args: argparse.Namespace) -> int:
+    """--prune_experts with --offload: scores from the model placed by accelerate (device, host, disk), then
+    the checkpoint rewritten tensor by tensor (LLMPruner/experts_offload.py); the model is never whole in memory."""
+    import tempfile
+    from transformers import AutoTokenizer
+    from LLMPruner.checkpoint.load import has_tokenizer
+    from LLMPruner.experts_offload import (local_folder, open_offloaded, placement, rewrite_checkpoint,
+                                           write_record)
+    from LLMPruner.stream.memory import parse_memory
+    set_seed(args.seed)
+    folder = local_folder(args.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
+    examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples, args.calibration_seq_len,
+                                    args.seed) if needs_calibration(args) else None
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".offload-", dir=args.log_dir) as offload_dir:
+        model = open_offloaded(folder, args.device, parse_memory(args.max_memory) if args.max_memory else None,
+                               DTYPES[args.dtype], Path(offload_dir))
+        get_adapter(model)
+        n_experts = check_expert_count(model, args.prune_experts)[0].num_experts  # before anything is written
+        with run_folder(args) as run:
+            placed = placement(model)
+            logger.info("--offload: %s placed on %s (accelerate; what is on disk streams in from %s)", folder,
+                        placed, offload_dir)
+            t0 = time.perf_counter()
+            plan = choose_experts(model, args.prune_experts, examples, args.expert_importance,
+                                  batch_size=args.calibration_batch_size, seed=args.seed)
+            keep = kept_experts(plan, model)
+            del model
+            counts = rewrite_checkpoint(folder, run.path, keep, n_experts)
+            write_record(run.path, {"base_model": args.base_model, "args": vars(args), **counts},
+                         counts["params_after"])
+            if tokenizer is not None and not has_tokenizer(run.path):
+                tokenizer.save_pretrained(run.path)
+            results = {"base_model": args.base_model, "params_before": counts["params_before"],
+                       "params_after": counts["params_after"],
+                       "ratio": counts["params_after"] / counts["params_before"],
+                       "prune_seconds": round(time.perf_counter() - t0, 2), "saved_model": True,
+                       "experts_per_layer": len(next(iter(keep.values()))), "placement": placed}
+            logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%% (stored tensor elements)",
+                        counts["params_before"], counts["params_after"], 100 * results["ratio"])
+            (run.path / "plan.json").write_text(json.dumps([plan.to_dict()]))
+            write_results(run.path, results)
+            run.commit()  # the checkpoint is always written under --offload: safe before any evaluation
+            if args.test_after_train:
+                from LLMPruner.checkpoint import load_pruned
+                model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
+                evaluate_after(model, tokenizer, args, run.path, results)
     return 0
 
 

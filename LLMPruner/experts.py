@@ -199,6 +199,8 @@ def expert_scores(model: nn.Module, examples: torch.Tensor | None, importance: E
     if examples is None:
         raise ExpertPruningError(f"--expert_importance {importance}: needs calibration data (--calibration_data)")
     device = next(model.parameters()).device
+    if device.type == "meta":  # offloaded to disk by accelerate: its hooks bring inputs to each layer
+        device = torch.device("cpu")
     model.eval()
     with _Recorder(layers, reap=importance == "reap") as rec:
         for start in tqdm(range(0, len(examples), batch_size), desc=f"expert scores ({importance})", leave=False):

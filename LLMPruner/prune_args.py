@@ -128,7 +128,8 @@ WIDTH_FLAGS = {
     "--prune_layers": lambda a: a.prune_layers > 0, "--query_heads": lambda a: a.query_heads,
     "--skip_attention": lambda a: a.skip_attention, "--iterative_steps": lambda a: a.iterative_steps != 1,
     "--global_pruning": lambda a: a.global_pruning, "--reconstruct_steps": lambda a: a.reconstruct_steps > 0,
-    "--offload (expert pruning runs in memory)": lambda a: a.offload,
+    "--offload_sequential": lambda a: a.offload_sequential,
+    "--offload_states_to_disk": lambda a: a.offload_states_to_disk,
     "--save_gguf (the GGUF exporter writes dense LLaMA-family models)": lambda a: a.save_gguf,
 }
 

@@ -307,3 +307,56 @@ def test_group_limited_routing_loses_the_same_experts_count_in_every_group():
         assert moe.router.num_experts == E - 4 and moe.experts.num_experts == E - 4
     assert model.config.n_routed_experts == E - 4
     assert torch.isfinite(logits(model)).all()
+
+
+# --- larger than the machine: --offload scores with accelerate's placement, then rewrites the checkpoint ---
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_the_checkpoint_rewritten_on_disk_equals_the_model_pruned_in_memory(model_type, tmp_path):
+    """Per-expert tensors on disk (renumbered), fused ones and the router's rows (sliced), shards and their
+    index: the rewritten folder loads with the stock class and gives the in-memory result exactly."""
+    from LLMPruner.experts_offload import rewrite_checkpoint
+    model = build(model_type)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
+    assert (tmp_path / "dense" / "model.safetensors.index.json").is_file()
+    keep = kept_experts(choose_experts(model, 6, calibration(), "reap"), model)
+    remove_experts(model, keep)
+    counts = rewrite_checkpoint(tmp_path / "dense", tmp_path / "out", keep, E)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(logits(stock), logits(model), atol=0, rtol=0)
+    buffers = sum(b.numel() for n, b in model.named_buffers() if "correction_bias" in n)  # saved, not parameters
+    assert counts["params_after"] == sum(p.numel() for p in model.parameters()) + buffers
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "out").glob("*.safetensors")}
+
+
+def test_a_rewrite_that_cannot_find_a_layers_experts_fails_naming_it(tmp_path):
+    from LLMPruner.experts_offload import rewrite_checkpoint
+    model = build("qwen3_moe")
+    model.save_pretrained(tmp_path / "dense")
+    keep = {0: list(range(10)), 1: list(range(10)), 2: list(range(10))}  # layer 1 is a dense MLP
+    with pytest.raises(ExpertPruningError, match=r"layer 1: experts, layer 1: router"):
+        rewrite_checkpoint(tmp_path / "dense", tmp_path / "out", keep, E)
+
+
+def test_cli_offload_scores_from_disk_and_writes_what_the_in_memory_run_writes(tmp_path):
+    data = need_shared("data")
+    _, folder = _moe_folder(tmp_path, "mixtral")
+    common = ["--base_model", str(folder), "--prune_experts", "5", "--calibration_data",
+              str(data / "c4" / "c4_demo.jsonl"), "--num_examples", "4", "--calibration_seq_len", "32", "--device",
+              "cpu", "--eval_device", "cpu", "--log_dir", str(tmp_path / "log")]
+    status, _, err = run_cli("hf_prune.py", common + ["--save_model", "--save_ckpt_log_name", "memory"])
+    assert status == 0, err[-3000:]
+    status, _, err = run_cli("hf_prune.py", common + ["--offload", "--max_memory", "100KB",
+                                                      "--save_ckpt_log_name", "disk"])
+    assert status == 0, err[-3000:]
+    results = json.loads((tmp_path / "log" / "disk" / "results.json").read_text())
+    assert "disk" in results["placement"].split(", ")  # 100 KB: accelerate kept layers on disk
+    assert not list((tmp_path / "log").glob(".offload-*"))  # the accelerate offload folder is gone
+    plans = [json.loads((tmp_path / "log" / run / "plan.json").read_text()) for run in ("memory", "disk")]
+    assert plans[0] == plans[1]
+    memory, _ = load_pruned(tmp_path / "log" / "memory")
+    disk, _ = load_pruned(tmp_path / "log" / "disk")  # pruning.json's checksums verified
+    assert disk.config.num_local_experts == E - 5
+    torch.testing.assert_close(logits(disk), logits(memory), atol=0, rtol=0)
+    assert results["experts_per_layer"] == E - 5 and results["params_after"] < results["params_before"]
