@@ -1,7 +1,7 @@
 """Mixture-of-experts models: whole experts removed (``LLMPruner/experts.py``, ``hf_prune.py --prune_experts``).
 
 Tiny Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, PhiMoE, FlexOlmo, Command A MoE, GLM-4.5 (``glm4_moe``),
-MiniMax-M2 and Hunyuan-A13B models built in code (transformers 5's fused
+MiniMax-M2, Hunyuan-A13B, DeepSeek-V2 and DeepSeek-V3 models built in code (transformers 5's fused
 ``[E, ...]`` experts): the scores are what the router and the experts compute (frequency counted from the
 router's choices, REAP by hand), removing experts no token chose leaves renormalising routers' logits
 exactly unchanged, every layer loses the same experts count, the result reloads with the stock class
@@ -42,14 +42,22 @@ MOE = {  # the keyword each type spells its expert count with, and what else it 
                      norm_topk_prob=True),
     "minimax_m2": dict(num_local_experts=E),
     "hunyuan_v1_moe": dict(num_experts=E, moe_topk=TOP_K),
+    "deepseek_v3": dict(n_routed_experts=E, first_k_dense_replace=1, moe_intermediate_size=16, n_group=2, topk_group=1,
+                        q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                        num_key_value_heads=4, head_dim=4),  # latent attention: a KV head per head, rope width
+    "deepseek_v2": dict(n_routed_experts=E, first_k_dense_replace=1, moe_intermediate_size=16, q_lora_rank=None,
+                        kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4,
+                        head_dim=4),
 }
-DENSE_LAYERS = {"qwen3_moe": [1], "glm4_moe": [0]}  # layers with a dense MLP in these configs
-RENORMALISING = ("qwen3_moe", "mixtral", "gpt_oss", "flex_olmo", "cohere2_moe", "glm4_moe", "hunyuan_v1_moe")  # the top-k weights sum to one
+#: layers with a dense MLP in these configs
+DENSE_LAYERS = {"qwen3_moe": [1], "glm4_moe": [0], "deepseek_v3": [0], "deepseek_v2": [0]}
+#: routers whose top-k weights sum to one
+RENORMALISING = ("qwen3_moe", "mixtral", "gpt_oss", "flex_olmo", "cohere2_moe", "glm4_moe", "hunyuan_v1_moe")
 
 
 def build(model_type: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **BASE, **MOE[model_type])).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**BASE, **MOE[model_type]})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2 if p.dim() > 1 else torch.randn_like(p) * 0.02)

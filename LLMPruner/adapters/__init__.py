@@ -10,7 +10,7 @@ from .base import Adapter, UnsupportedArchitectureError
 from .bloom import BloomAdapter
 from .gemma import GemmaAdapter
 from .llama import CohereAdapter, GlmAdapter, LlamaAdapter, NonGatedAdapter, SinkAdapter
-from .moe import MoeAdapter
+from .moe import MlaMoeAdapter, MoeAdapter
 from .olmo import OlmoAdapter
 from .opt import OptAdapter
 from .phi3 import Phi3Adapter
@@ -24,7 +24,8 @@ def register(adapter: Adapter) -> None:
 
 
 for _adapter in (LlamaAdapter(), GemmaAdapter(), GlmAdapter(), OlmoAdapter(), NonGatedAdapter(), CohereAdapter(),
-                 SinkAdapter(), Phi3Adapter(), OptAdapter(), BloomAdapter(), MoeAdapter()):
+                 SinkAdapter(), Phi3Adapter(), OptAdapter(), BloomAdapter(), MoeAdapter(),
+                 MlaMoeAdapter()):
     register(_adapter)
 
 

@@ -34,3 +34,19 @@ class MoeAdapter(LlamaAdapter):
 
     def keep_decoder_layers(self, model: nn.Module, keep: list[int]) -> None:
         raise NotImplementedError("depth pruning of mixture-of-experts models is not supported")
+
+
+class MlaMoeAdapter(MoeAdapter):
+    """DeepSeek-V2/V3 and Kimi K2 (``deepseek_v3``): experts as above (group-limited routing, a score-correction
+    bias), attention by multi-head latent attention: every head reads its keys and values from one shared
+    latent, so a layer's KV heads are its heads, and the head width recorded is ``v_head_dim`` (``o_proj``'s
+    input is heads x v_head_dim)."""
+
+    model_types = ("deepseek_v2", "deepseek_v3")
+    lora_target_modules = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+    def head_dim(self, model: nn.Module) -> int:
+        return int(model.config.v_head_dim)
+
+    def kv_heads(self, layer: nn.Module, heads: int, head_dim: int) -> int:
+        return heads
