@@ -444,7 +444,7 @@ def main_experts_offload(args: argparse.Namespace) -> int:
                                   batch_size=args.calibration_batch_size, seed=args.seed)
             keep = kept_experts(plan, model)
             del model
-            counts = rewrite_checkpoint(folder, run.path, keep, n_experts)
+            counts = rewrite_checkpoint(folder, run.path, keep, n_experts, DTYPES[args.dtype])
             write_record(run.path, {"base_model": args.base_model, "args": vars(args), **counts},
                          counts["params_after"])
             if tokenizer is not None and not has_tokenizer(run.path):

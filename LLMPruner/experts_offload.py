@@ -67,9 +67,15 @@ def placement(model) -> str:
     return ", ".join(sorted({str(v) for v in getattr(model, "hf_device_map", {}).values()}))
 
 
-def rewrite_checkpoint(src: Path, dst: Path, keep: dict[int, list[int]], n_experts: int) -> dict[str, int]:
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def rewrite_checkpoint(src: Path, dst: Path, keep: dict[int, list[int]], n_experts: int,
+                       dtype: torch.dtype | None = None) -> dict[str, int]:
     """Write ``src``'s checkpoint into ``dst`` with only experts ``keep[layer]`` in every MoE layer; returns
-    ``{"params_before", "params_after", "tensors"}``. Fails (naming the layer) when a MoE layer's experts
+    ``{"params_before", "params_after", "tensors"}``. ``dtype`` (``--dtype``): float32/16 and bfloat16 tensors
+    are written in it, as the in-memory run saves the model it loaded in that dtype; other tensors (quantised
+    blocks, FP8, integer scales) keep theirs. Fails (naming the layer) when a MoE layer's experts
     or router were not found among the tensor names, so a layout this does not understand never passes."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -91,6 +97,8 @@ def rewrite_checkpoint(src: Path, dst: Path, keep: dict[int, list[int]], n_exper
                 if renamed is None:
                     continue
                 new_name, new_tensor = renamed
+                if dtype is not None and new_tensor.dtype in FLOATS:
+                    new_tensor = new_tensor.to(dtype)
                 out[new_name] = new_tensor.contiguous()
                 after += new_tensor.numel()
                 weight_map[new_name] = path.name

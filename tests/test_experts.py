@@ -368,3 +368,8 @@ def test_cli_offload_scores_from_disk_and_writes_what_the_in_memory_run_writes(t
     assert disk.config.num_local_experts == E - 5
     torch.testing.assert_close(logits(disk), logits(memory), atol=0, rtol=0)
     assert results["experts_per_layer"] == E - 5 and results["params_after"] < results["params_before"]
+    status, _, err = run_cli("hf_prune.py", common + ["--offload", "--dtype", "bfloat16", "--save_ckpt_log_name", "bf16"])
+    assert status == 0, err[-3000:]
+    from safetensors import safe_open  # written in --dtype, as the in-memory run saves
+    with safe_open(str(tmp_path / "log" / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
