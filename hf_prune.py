@@ -417,7 +417,8 @@ def main_offload(args: argparse.Namespace) -> int:
 
 def main_experts_offload(args: argparse.Namespace) -> int:
     """--prune_experts with --offload: scores from the model placed by accelerate (device, host, disk), then
-    the checkpoint rewritten tensor by tensor (LLMPruner/experts_offload.py); the model is never whole in memory."""
+    the checkpoint rewritten tensor by tensor (LLMPruner/experts_offload.py); the pruned model is never built, and
+    the loaded one is held once (transformers fuses the experts in host memory while loading)."""
     import tempfile
     from transformers import AutoTokenizer
     from LLMPruner.checkpoint.load import has_tokenizer

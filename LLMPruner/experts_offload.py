@@ -1,4 +1,7 @@
-"""Expert pruning of MoE checkpoints larger than the machine (``hf_prune.py --prune_experts N --offload``).
+"""Expert pruning of MoE checkpoints larger than the device (``hf_prune.py --prune_experts N --offload``).
+
+Host memory must hold the experts once while transformers loads them (it fuses the per-expert tensors in
+memory before it offloads to disk; ``bench/moe_offload.py``), so this serves models larger than the GPU.
 
 * **score** — transformers opens the checkpoint with accelerate's placement (``device_map="auto"``: the
   device up to ``--max_memory``, then host memory, then a temporary folder on disk), so a forward pass
