@@ -417,12 +417,12 @@ def main_offload(args: argparse.Namespace) -> int:
 
 def main_experts_offload(args: argparse.Namespace) -> int:
     """--prune_experts with --offload: scores from the model placed by accelerate (device, host, disk), then
-    the checkpoint rewritten tensor by tensor (LLMPruner/experts_offload.py); the pruned model is never built, and
-    the loaded one is held once (transformers fuses the experts in host memory while loading)."""
+    the checkpoint rewritten tensor by tensor (LLMPruner/experts_offload.py); neither model is ever whole in
+    host memory (the scoring reads a copy in fused names, written one layer at a time)."""
     import tempfile
     from transformers import AutoTokenizer
     from LLMPruner.checkpoint.load import has_tokenizer
-    from LLMPruner.experts_offload import (local_folder, open_offloaded, placement, rewrite_checkpoint,
+    from LLMPruner.experts_offload import (fused_copy, local_folder, open_offloaded, placement, rewrite_checkpoint,
                                            write_record)
     from LLMPruner.stream.memory import parse_memory
     set_seed(args.seed)
@@ -432,8 +432,9 @@ def main_experts_offload(args: argparse.Namespace) -> int:
                                     args.seed) if needs_calibration(args) else None
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".offload-", dir=args.log_dir) as offload_dir:
-        model = open_offloaded(folder, args.device, parse_memory(args.max_memory) if args.max_memory else None,
-                               DTYPES[args.dtype], Path(offload_dir))
+        fused = fused_copy(folder, Path(offload_dir) / "fused", DTYPES[args.dtype])  # one layer at a time
+        model = open_offloaded(fused, args.device, parse_memory(args.max_memory) if args.max_memory else None,
+                               DTYPES[args.dtype], Path(offload_dir) / "accelerate")
         get_adapter(model)
         n_experts = check_expert_count(model, args.prune_experts)[0].num_experts  # before anything is written
         with run_folder(args) as run:

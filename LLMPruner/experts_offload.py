@@ -1,12 +1,11 @@
-"""Expert pruning of MoE checkpoints larger than the device (``hf_prune.py --prune_experts N --offload``).
+"""Expert pruning of MoE checkpoints larger than the machine (``hf_prune.py --prune_experts N --offload``).
 
-Host memory must hold the experts once while transformers loads them (it fuses the per-expert tensors in
-memory before it offloads to disk; ``bench/moe_offload.py``), so this serves models larger than the GPU.
-
-* **score** — transformers opens the checkpoint with accelerate's placement (``device_map="auto"``: the
-  device up to ``--max_memory``, then host memory, then a temporary folder on disk), so a forward pass
-  streams what does not fit; the experts' scores come from the same hooks as in memory
-  (``experts.expert_scores``).
+* **score** — the checkpoint is first copied under the model's own tensor names (``fused_copy``: experts
+  fused ``[E, ...]``, converted one layer at a time by transformers itself), then opened with accelerate's
+  placement (``device_map="auto"``: the device up to ``--max_memory``, then host memory, then a temporary
+  folder on disk), so a forward pass streams what does not fit; the experts' scores come from the same hooks
+  as in memory (``experts.expert_scores``). Loading the original names with disk offload would first gather
+  every expert in host memory (transformers fuses them before it offloads).
 * **shrink** — the checkpoint is rewritten tensor by tensor from its own safetensors files
   (``rewrite_checkpoint``); no model is built. On disk, experts are one tensor per expert
   (``...layers.L.mlp.experts.E.gate_proj.weight``: kept ones renumbered 0..n-1, the others dropped) or
@@ -49,6 +48,87 @@ def local_folder(name_or_path: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                                                       "*.jinja", "*.tiktoken"]))
+
+
+def fused_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """``src``'s checkpoint written under the model's own tensor names (experts fused ``[E, ...]``), one
+    decoder layer at a time: each layer's tensors, with the embeddings, norm and head, go through transformers'
+    own loading as a one-layer model of the same config, and that model's layer is saved. A checkpoint in
+    these names loads with accelerate's disk offload without first gathering every expert in host memory.
+    Host memory holds one layer and the outer tensors at a time; ``dst`` takes about the model's size."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(src)
+    n_layers = config.num_hidden_layers
+    where: dict[int | None, list[tuple[Path, str]]] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                m = _LAYER.search(name)
+                where.setdefault(int(m.group(1)) if m else None, []).append((path, name))
+    outer = _read(where.get(None, []))
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for layer in range(n_layers):
+        tensors = dict(outer)
+        for name, t in _read(where.get(layer, [])).items():
+            tensors[_LAYER.sub(lambda m: m.group(0).replace(f"layers.{layer}.", "layers.0."), name, count=1)] = t
+        mini = dst / f".layer-{layer}"
+        mini.mkdir(exist_ok=True)
+        save_file(tensors, str(mini / "model.safetensors"), metadata={"format": "pt"})
+        _one_layer_config(config, layer, moe=any(".experts." in n for _, n in where.get(layer, []))).save_pretrained(mini)
+        model, info = AutoModelForCausalLM.from_pretrained(mini, dtype=dtype, output_loading_info=True)
+        shutil.rmtree(mini)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:  # a tensor left at its random initialisation, or one the layer does not have
+            raise ExpertPruningError(f"--offload: decoder layer {layer} did not load as a one-layer model of its "
+                                     f"config ({bad}); prune this model in memory instead")
+        out = {}
+        for name, t in model.state_dict().items():
+            m = _LAYER.search(name)
+            if m:
+                out[_LAYER.sub(lambda m: m.group(0).replace("layers.0.", f"layers.{layer}."), name, count=1)] = t
+            elif layer == 0 and not (name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)):
+                out[name] = t
+        file = f"model-layer-{layer:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in out.items()}, str(dst / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in out})
+        del model, tensors, out
+    (dst / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}) + "\n")
+    config.save_pretrained(dst)
+    return dst
+
+
+def _read(located: list[tuple[Path, str]]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    out = {}
+    for path in sorted({p for p, _ in located}):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: f.get_tensor(name) for p, name in located if p == path})
+    return out
+
+
+def _one_layer_config(config, layer: int, moe: bool):
+    """``config`` for a model of decoder layer ``layer`` alone: per-layer lists cut to its entry, and the
+    settings that make some layers dense (``mlp_only_layers``, ``first_k_dense_replace``, ...) set so
+    that layer 0 is sparse exactly when ``layer`` is."""
+    import copy
+    one = copy.deepcopy(config)
+    n = config.num_hidden_layers
+    for key, value in vars(config).items():
+        if isinstance(value, list) and len(value) == n and key != "mlp_only_layers":
+            setattr(one, key, [value[layer]])
+    one.num_hidden_layers = 1
+    if hasattr(one, "mlp_only_layers"):
+        one.mlp_only_layers = [] if moe else [0]
+    if hasattr(one, "decoder_sparse_step"):
+        one.decoder_sparse_step = 1
+    if hasattr(one, "first_k_dense_replace"):
+        one.first_k_dense_replace = 0 if moe else 1
+    if hasattr(one, "moe_layer_freq"):
+        one.moe_layer_freq = 1
+    return one
 
 
 def open_offloaded(folder: Path, device: str, max_memory: int | None, dtype: torch.dtype, offload_dir: Path):

@@ -9,6 +9,7 @@ exactly unchanged, every layer loses the same experts count, the result reloads 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -336,6 +337,21 @@ def test_the_checkpoint_rewritten_on_disk_equals_the_model_pruned_in_memory(mode
     assert counts["params_after"] == sum(p.numel() for p in model.parameters()) + buffers
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "out").glob("*.safetensors")}
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_the_fused_copy_converted_layer_by_layer_is_the_same_model(model_type, tmp_path):
+    """--offload scores a copy of the checkpoint under the model's own names (experts fused), which
+    transformers converts one layer at a time: it loads with the stock class and gives the same logits."""
+    from LLMPruner.experts_offload import fused_copy
+    model = build(model_type)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
+    fused_copy(tmp_path / "dense", tmp_path / "fused", torch.float32)
+    assert not list((tmp_path / "fused").glob(".layer-*"))  # the one-layer checkpoints are gone
+    names = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert not any(re.search(r"\.experts\.\d+\.", n) for n in names)  # no per-expert tensor left
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    torch.testing.assert_close(logits(stock), logits(model), atol=0, rtol=0)
 
 
 def test_a_rewrite_that_cannot_find_a_layers_experts_fails_naming_it(tmp_path):
