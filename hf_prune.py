@@ -422,11 +422,16 @@ def main_experts_offload(args: argparse.Namespace) -> int:
     import tempfile
     from transformers import AutoTokenizer
     from LLMPruner.checkpoint.load import has_tokenizer
-    from LLMPruner.experts_offload import (fused_copy, local_folder, open_offloaded, placement, rewrite_checkpoint,
-                                           write_record)
+    from transformers import AutoConfig
+    from LLMPruner.checkpoint.save import write_record
+    from LLMPruner.experts_offload import fused_copy, local_folder, open_offloaded, placement, rewrite_checkpoint
     from LLMPruner.stream.memory import parse_memory
     set_seed(args.seed)
     folder = local_folder(args.base_model)
+    # a model type or expert count that cannot be pruned fails from a meta-device skeleton, before any copy
+    config = AutoConfig.from_pretrained(folder)
+    get_adapter(config)
+    n_experts = check_expert_count(skeleton(config), args.prune_experts)[0].num_experts
     tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
     examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples, args.calibration_seq_len,
                                     args.seed) if needs_calibration(args) else None
@@ -435,8 +440,6 @@ def main_experts_offload(args: argparse.Namespace) -> int:
         fused = fused_copy(folder, Path(offload_dir) / "fused", DTYPES[args.dtype])  # one layer at a time
         model = open_offloaded(fused, args.device, parse_memory(args.max_memory) if args.max_memory else None,
                                DTYPES[args.dtype], Path(offload_dir) / "accelerate")
-        get_adapter(model)
-        n_experts = check_expert_count(model, args.prune_experts)[0].num_experts  # before anything is written
         with run_folder(args) as run:
             placed = placement(model)
             logger.info("--offload: %s placed on %s (accelerate; what is on disk streams in from %s)", folder,
@@ -447,8 +450,8 @@ def main_experts_offload(args: argparse.Namespace) -> int:
             keep = kept_experts(plan, model)
             del model
             counts = rewrite_checkpoint(folder, run.path, keep, n_experts, DTYPES[args.dtype])
-            write_record(run.path, {"base_model": args.base_model, "args": vars(args), **counts},
-                         counts["params_after"])
+            write_record(run.path, parameters=counts["params_after"], loader="transformers",
+                         provenance={"base_model": args.base_model, "args": vars(args), **counts})
             if tokenizer is not None and not has_tokenizer(run.path):
                 tokenizer.save_pretrained(run.path)
             results = {"base_model": args.base_model, "params_before": counts["params_before"],

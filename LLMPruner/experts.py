@@ -83,13 +83,14 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return found
 
 
-def count_key(config) -> str:
-    """The config attribute that holds the number of experts."""
-    for key in COUNT_KEYS:
-        if isinstance(getattr(config, key, None), (int, list)):
-            return key
-    raise ExpertPruningError(f"model_type {getattr(config, 'model_type', None)!r}: no {' / '.join(COUNT_KEYS)} "
-                             "in the config, so the expert count cannot be written back")
+def set_expert_count(config: dict, n_new: int, source: str) -> None:
+    """Write ``n_new`` into every expert-count entry of a config's ``dict`` (a per-layer list stays a list)."""
+    keys = [k for k in COUNT_KEYS if isinstance(config.get(k), (int, list))]
+    if not keys:
+        raise ExpertPruningError(f"{source}: no {' / '.join(COUNT_KEYS)} in the config, so the expert count "
+                                 "cannot be written back")
+    for key in keys:
+        config[key] = [n_new] * len(config[key]) if isinstance(config[key], list) else n_new
 
 
 def check_expert_count(model: nn.Module, n_remove: int) -> list[MoELayer]:
@@ -248,7 +249,8 @@ def remove_experts(model: nn.Module, keep: dict[int, list[int]]) -> None:
         raise ExpertPruningError("remove_experts: give the kept experts of every MoE layer, the same number in each "
                                  f"(MoE layers {[m.index for m in layers]}, got counts {got})")
     n_new = counts.pop()
-    key = count_key(model.config)
+    counts = {k: getattr(model.config, k) for k in COUNT_KEYS if hasattr(model.config, k)}
+    set_expert_count(counts, n_new, f"model_type {getattr(model.config, 'model_type', None)!r}")
     for moe in layers:
         n = moe.num_experts
         idx = torch.tensor(keep[moe.index], dtype=torch.long)
@@ -262,15 +264,15 @@ def remove_experts(model: nn.Module, keep: dict[int, list[int]]) -> None:
                 if t.dim() >= 1 and t.shape[0] == n:
                     _replace(module, name, t, t.index_select(0, idx.to(t.device)).contiguous())
         for module in [moe.block, moe.experts] + list(moe.router.modules()):
-            for attr in COUNT_KEYS + ("num_local_experts",):
+            for attr in COUNT_KEYS:
                 if isinstance(getattr(module, attr, None), int):
                     setattr(module, attr, n_new)
     for module in (model, getattr(model, "model", None)):  # e.g. the causal LM's count for the balancing loss
         if isinstance(getattr(module, "num_experts", None), int):
             module.num_experts = n_new
-    setattr(model.config, key, [n_new] * len(getattr(model.config, key)) if isinstance(getattr(model.config, key), list)
-            else n_new)
-    logger.info("kept %d experts in each of %d MoE layers (config.%s = %d)", n_new, len(layers), key, n_new)
+    for key, value in counts.items():
+        setattr(model.config, key, value)
+    logger.info("kept %d experts in each of %d MoE layers (config %s)", n_new, len(layers), counts)
 
 
 def _replace(module: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> None:

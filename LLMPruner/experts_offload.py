@@ -19,13 +19,11 @@ import json
 import logging
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .experts import COUNT_KEYS, ExpertPruningError
+from .experts import ExpertPruningError, set_expert_count
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +134,8 @@ def open_offloaded(folder: Path, device: str, max_memory: int | None, dtype: tor
     ``offload_dir`` on disk (one forward pass streams the disk-held layers in)."""
     from transformers import AutoModelForCausalLM
     dev = torch.device(device)
-    key = "cpu" if dev.type == "cpu" else (dev.index or 0)
-    budget = {} if max_memory is None else {key: max_memory}
-    if dev.type == "cpu" and max_memory is not None:
-        budget = {"cpu": max_memory}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto", max_memory=budget or None,
+    budget = None if max_memory is None else {"cpu" if dev.type == "cpu" else (dev.index or 0): max_memory}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto", max_memory=budget,
                                                  offload_folder=str(offload_dir))
     return model.eval()
 
@@ -246,19 +241,7 @@ def _copy_other_files(src: Path, dst: Path) -> None:
 
 def _write_config(src: Path, dst: Path, n_new: int) -> None:
     config = json.loads((src / "config.json").read_text())
-    keys = [k for k in COUNT_KEYS if isinstance(config.get(k), (int, list))]
-    if not keys:
-        raise ExpertPruningError(f"{src / 'config.json'}: no {' / '.join(COUNT_KEYS)} to write the expert count to")
-    for key in keys:
-        config[key] = [n_new] * len(config[key]) if isinstance(config[key], list) else n_new
+    set_expert_count(config, n_new, str(src / "config.json"))
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_record(dst: Path, provenance: dict, params: int) -> None:
-    """``pruning.json`` as ``save_pruned`` writes it (stock loader, checksums of the weight files)."""
-    from .checkpoint.save import FORMAT_VERSION, PRUNING_FILE, _jsonable, sha256_file
-    record = {"format": "llmpruner-checkpoint", "format_version": FORMAT_VERSION, "llmpruner_version": __version__,
-              "torch_version": torch.__version__, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "parameters": params, "sha256": {p.name: sha256_file(p) for p in sorted(dst.glob("*.safetensors"))},
-              "provenance": _jsonable(provenance), "loader": "transformers"}
-    (dst / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -77,17 +77,9 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
         # layer_shapes: layers differ, or their head count is not one a stock config can hold
         _set_loading_route(config, model_type, heterogeneous=bool(config.get("layer_shapes")), tmp=tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        weights = sorted(p.name for p in tmp.glob("model*.safetensors"))
-        record = {"format": "llmpruner-checkpoint", "format_version": FORMAT_VERSION,
-                  "llmpruner_version": __version__, "transformers_version": _transformers_version(),
-                  "torch_version": torch.__version__, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                  time.gmtime()),
-                  "parameters": sum(p.numel() for p in model.parameters()),
-                  "round_to": round_to, "structure": structure.to_dict(),
-                  "sha256": {name: sha256_file(tmp / name) for name in weights},
-                  "provenance": _jsonable(provenance or {}),
-                  "loader": "transformers" if _stock_rebuilds(model) else "llmpruner"}
-        (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(tmp, parameters=sum(p.numel() for p in model.parameters()), provenance=provenance,
+                     loader="transformers" if _stock_rebuilds(model) else "llmpruner",
+                     structure=structure.to_dict(), round_to=round_to)
         _commit(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,6 +132,20 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_record(folder: Path, *, parameters: int, provenance: dict | None, loader: str,
+                 structure: dict | None = None, round_to: int | None = None) -> None:
+    """``folder/pruning.json``: versions, the parameter count, the structure, SHA-256 of every weight file
+    (``load_pruned`` verifies them), the provenance, and which loader rebuilds the model."""
+    weights = sorted(p.name for p in folder.glob("model*.safetensors"))
+    record = {"format": "llmpruner-checkpoint", "format_version": FORMAT_VERSION,
+              "llmpruner_version": __version__, "transformers_version": _transformers_version(),
+              "torch_version": torch.__version__, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "parameters": parameters, "round_to": round_to, "structure": structure,
+              "sha256": {name: sha256_file(folder / name) for name in weights},
+              "provenance": _jsonable(provenance or {}), "loader": loader}
+    (folder / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def sha256_file(path: Path) -> str:

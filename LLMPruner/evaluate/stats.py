@@ -42,8 +42,8 @@ def count_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
     structure = get_adapter(model).read_structure(model)
     attention = sum(2 * s.num_attention_heads * structure.head_dim * seq_len * seq_len
                     for s in structure.layers)
-    top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
-    experts = seq_len * sum(top_k * sum(p[0].numel() for p in moe.experts.parameters() if p.dim() == 3)
+    experts = seq_len * sum(moe.top_k(model.config) * sum(p[0].numel() for p in moe.experts.parameters()
+                                                          if p.dim() == 3)
                             + sum(p.numel() for p in moe.router.parameters() if p.dim() == 2)
                             for moe in moe_layers(model))
     return {"linear": linear, "attention": attention, "experts": experts, "total": linear + attention + experts}
