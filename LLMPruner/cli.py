@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -99,10 +100,22 @@ def check_writable_dir(flag: str, folder: str | Path) -> Path:
 
 
 def looks_local(value: str) -> bool:
-    """A path rather than a Hub name: it exists, starts like a path, has an extension or >1 slash."""
-    return (Path(value).expanduser().exists() or value.startswith((".", "/", "~")) or value.count("/") > 1
-            or Path(value).suffix in (".json", ".jsonl", ".txt", ".raw", ".bin", ".pt", ".pth", ".gguf",
-                                      ".safetensors"))
+    """A path rather than a Hub name: it exists, starts like a path, has an extension or >1 slash, or its
+    first part is a local folder (``prune_log/llama_prnue`` beside ``prune_log/``: a typo, not a Hub id)."""
+    path = Path(value).expanduser()
+    return (path.exists() or value.startswith((".", "/", "~")) or value.count("/") > 1
+            or ("/" in value and Path(value.split("/")[0]).is_dir())
+            or path.suffix in (".json", ".jsonl", ".txt", ".raw", ".bin", ".pt", ".pth", ".gguf", ".safetensors"))
+
+
+def missing_path(flag: str, value: str) -> str:
+    """``FLAG 'VALUE': no such file or folder``, with the nearest names in its folder when there are any."""
+    import difflib
+    path = Path(value).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=3) if parent.is_dir() else []
+    hint = f" (did you mean {', '.join(repr(str(parent / n)) for n in near)}?)" if near else ""
+    return f"{flag} {value!r}: no such file or folder{hint}"
 
 
 def check_source(flag: str, value: str, kind: Literal["model", "dataset"], local_hint: str, *,
@@ -114,7 +127,7 @@ def check_source(flag: str, value: str, kind: Literal["model", "dataset"], local
     """
     if looks_local(value):
         if not Path(value).expanduser().exists():
-            raise UsageError(f"{flag} {value!r}: no such file or folder")
+            raise UsageError(missing_path(flag, value))
         return
     if hub_reachable() or _in_hf_cache(hub_name or value, kind):
         return
@@ -254,9 +267,14 @@ def _with_flag(text: str, argv: Sequence[str]) -> str:
         if flag is None:
             continue
         spec = token.partition("=")[2] if "=" in token else token
-        if any(part and (part in text or str(Path(part)) in text) for part in [token, *spec.split("+")]):
+        if any(part and (_quotes(text, part) or _quotes(text, str(Path(part)))) for part in [token, *spec.split("+")]):
             return f"{flag} {token!r}: {text}"
     return text
+
+
+def _quotes(text: str, value: str) -> bool:
+    """Whether ``text`` holds ``value`` as a whole word: ``5`` is not in ``ernie4_5``, ``32`` not in ``float32``."""
+    return re.search(rf"(?<![\w.]){re.escape(value)}(?![\w])", text) is not None
 
 
 def run(main: Callable[[Sequence[str] | None], Any], prog: str, argv: Sequence[str] | None = None) -> NoReturn:

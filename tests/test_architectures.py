@@ -18,6 +18,7 @@ from LLMPruner.prune import prune
 from LLMPruner.select import make_plan
 from LLMPruner.shrink import apply_plan
 from LLMPruner.structure import ModelStructure
+from tolerance import assert_decoding_agrees, assert_paths_agree, assert_same
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41]])
 LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -162,7 +163,7 @@ def assert_generates(model, new: int = 5) -> None:
                          output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (1, IDS.shape[1] + new)
     full = logits(model, out.sequences)[0, IDS.shape[1] - 1:-1]  # [new, vocab]
-    torch.testing.assert_close(torch.cat(out.logits), full, atol=1e-4, rtol=0)
+    assert_decoding_agrees(torch.cat(out.logits), full)
 
 
 ALL = sorted(ARCHS)
@@ -211,7 +212,7 @@ def test_removing_zeroed_groups_keeps_logits(model_type):
     assert structure.layers[0].num_key_value_heads == heads
     assert structure.layers[1].num_key_value_heads == heads - 1
     assert structure.layers[2].intermediate_size == ARCHS[model_type].n_mlp - 24
-    torch.testing.assert_close(logits(model), before, atol=1e-5, rtol=0)
+    assert_paths_agree(logits(model), before)
     assert_generates(model)
 
 
@@ -236,7 +237,7 @@ def test_uniform_pruning_reloads_with_from_pretrained(model_type, tmp_path):
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     get_adapter(again).prepare(again)  # restores what the stock model cannot rebuild (ALiBi, embed scale)
-    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(again), logits(model))
 
 
 @pytest.mark.parametrize("model_type", ALL)
@@ -253,7 +254,7 @@ def test_heterogeneous_pruning_rebuilds_with_resize_layer(model_type):
         adapter.resize_layer(layer, shape, structure.hidden_size, structure.head_dim)
     adapter.prepare(again)
     again.load_state_dict(model.state_dict(), strict=True)
-    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(again), logits(model))
     assert_generates(again)
 
 
@@ -294,9 +295,9 @@ def test_depth_pruning_reloads_with_from_pretrained(model_type, tmp_path):
     model.save_pretrained(tmp_path / "stock")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
     get_adapter(again).prepare(again)
-    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(again), logits(model))
     save_pruned(model, None, tmp_path / "ckpt")
-    torch.testing.assert_close(logits(load_pruned(tmp_path / "ckpt")[0]), logits(model), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(load_pruned(tmp_path / "ckpt")[0]), logits(model))
     assert_generates(again)
 
 
@@ -321,7 +322,7 @@ def test_bloom_layer_alibi_matches_the_stock_model_with_left_padding():
         stock = model(ids, attention_mask=mask).logits
         get_adapter(model).prepare(model)  # per-layer slopes + the pre-hook that rebuilds ALiBi from them
         assert [len(s) for s in [b.self_attention.alibi_slopes for b in model.transformer.h]] == [4, 4, 4]
-        torch.testing.assert_close(model(ids, attention_mask=mask).logits, stock, atol=0, rtol=0)
+        assert_paths_agree(model(ids, attention_mask=mask).logits, stock)
 
 
 def test_opt_word_embedding_projection_is_not_the_hidden_size():
@@ -351,7 +352,7 @@ def test_save_pruned_then_load_pruned_is_identical(model_type, mode, tmp_path):
     prune(model, mode=mode, pruner_type="l1", **kwargs)
     save_pruned(model, None, tmp_path / "ckpt")
     again, _ = load_pruned(tmp_path / "ckpt")
-    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(again), logits(model))
     assert_generates(again)
 
 
@@ -384,7 +385,7 @@ def test_olmo2_head_norms_are_rescaled_once_in_memory_under_offload_and_on_repla
         apply_plan(fresh, PruningPlan.from_dict(plan.to_dict()))
     for n, p in fresh.named_parameters():
         if "norm" in n:
-            torch.testing.assert_close(p, model.get_parameter(n), atol=0, rtol=0, msg=n)
+            assert_same(p, model.get_parameter(n), msg=n)
 
 
 def test_cohere_with_per_head_qk_norms_is_refused_before_loading():

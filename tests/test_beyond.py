@@ -12,6 +12,7 @@ from LLMPruner.graph import discover
 from LLMPruner.prune import prune
 from LLMPruner.select import make_plan
 from LLMPruner.shrink import apply_plan
+from tolerance import assert_paths_agree
 
 EX = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(0))
 
@@ -40,7 +41,7 @@ def test_bias_compensation_is_exact_for_a_constant_input():
     prune(model, pruner_type="fluctuation", pruning_ratio=1 / 48, attention_layers=range(0),
           mlp_layers=range(1, 2), examples=EX, compensation="bias")
     assert model.model.layers[1].mlp.down_proj.in_features == 47
-    torch.testing.assert_close(_logits(model), before, atol=2e-5, rtol=0)
+    torch.testing.assert_close(_logits(model), before, atol=2e-5, rtol=0)  # PATHS x 2: the folded bias adds a 48-term sum
 
 
 def test_without_compensation_the_same_removal_changes_outputs():
@@ -166,7 +167,7 @@ def test_depth_pruning_removes_the_layer_that_does_nothing(importance, stories_p
     apply_plan(model, plan)
     assert model.config.num_hidden_layers == 3
     assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1, 2]
-    torch.testing.assert_close(_logits(model, ex), before, atol=1e-5, rtol=0)
+    assert_paths_agree(_logits(model, ex), before)
     assert model.generate(ex[:1], max_new_tokens=3, do_sample=False).shape[1] == ex.shape[1] + 3
 
 
@@ -201,4 +202,4 @@ def test_everything_saves_and_reloads(tmp_path, kwargs):
     prune(model, examples=EX, **kwargs)
     save_pruned(model, tok, tmp_path / "ckpt")
     loaded, _ = load_pruned(tmp_path / "ckpt")
-    torch.testing.assert_close(_logits(loaded), _logits(model), atol=1e-6, rtol=0)
+    assert_paths_agree(_logits(loaded), _logits(model))  # loaded with its default attention kernel

@@ -11,6 +11,7 @@ import torch.nn as nn
 from conftest import STORIES, need_shared, tiny_model
 from LLMPruner.adapters import get_adapter
 from LLMPruner.checkpoint import load_model, load_pruned, save_pruned
+from tolerance import assert_same
 
 torch.set_num_threads(1)
 
@@ -118,7 +119,7 @@ def test_roundtrip_tiny(tmp_path, mode, model_type):
     folder = save_pruned(model, None, tmp_path / "ckpt", provenance={"base_model": "tiny", "mode": mode})
     loaded, tokenizer = load_pruned(folder, attn_implementation="eager")  # as tiny_model: exact equality
     assert tokenizer is None
-    torch.testing.assert_close(logits(loaded, IDS), logits(model, IDS), rtol=0, atol=0)
+    assert_same(logits(loaded, IDS), logits(model, IDS))
     assert torch.equal(greedy(loaded, IDS), greedy(model, IDS))
     assert get_adapter(loaded).read_structure(loaded) == get_adapter(model).read_structure(model)
     record = json.loads((folder / "pruning.json").read_text())
@@ -139,7 +140,7 @@ def test_uniform_loads_with_stock_transformers(tmp_path, mode):
     assert "auto_map" not in config and config["architectures"] == ["LlamaForCausalLM"]
     stock = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     assert type(stock).__name__ == "LlamaForCausalLM"
-    torch.testing.assert_close(logits(stock, IDS), logits(model, IDS), rtol=0, atol=0)
+    assert_same(logits(stock, IDS), logits(model, IDS))
 
 
 def test_heterogeneous_loads_with_stock_transformers_remote_code(tmp_path):
@@ -149,7 +150,7 @@ def test_heterogeneous_loads_with_stock_transformers_remote_code(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager").eval()
     assert type(stock).__name__ == "PrunedLlamaForCausalLM"
     assert "LLMPruner" not in type(stock).__module__
-    torch.testing.assert_close(logits(stock, IDS), logits(model, IDS), rtol=0, atol=0)
+    assert_same(logits(stock, IDS), logits(model, IDS))
     assert torch.equal(greedy(stock, IDS), greedy(model, IDS))
 
 
@@ -168,7 +169,7 @@ def test_dtype_and_device_map(tmp_path):
     assert {p.device.type for p in half.parameters()} == {"cpu"}
     torch.testing.assert_close(logits(half, IDS).float(), logits(model, IDS), rtol=0.1, atol=0.1)
     cpu, _ = load_pruned(folder, device_map={"": "cpu"}, torch_dtype="float32", attn_implementation="eager")
-    torch.testing.assert_close(logits(cpu, IDS), logits(model, IDS), rtol=0, atol=0)
+    assert_same(logits(cpu, IDS), logits(model, IDS))
 
 
 def test_prune_again_and_resave(tmp_path):
@@ -178,7 +179,7 @@ def test_prune_again_and_resave(tmp_path):
     shrink_layer(first, 1, kv_keep=[0])
     get_adapter(first).update_config(first)
     again, _ = load_pruned(save_pruned(first, None, tmp_path / "b"), attn_implementation="eager")
-    torch.testing.assert_close(logits(again, IDS), logits(first, IDS), rtol=0, atol=0)
+    assert_same(logits(again, IDS), logits(first, IDS))
     assert [s.num_key_value_heads for s in get_adapter(again).read_structure(again).layers] == [1, 1, 2]
 
 
@@ -188,7 +189,7 @@ def test_sharded_save(tmp_path):
     assert (folder / "model.safetensors.index.json").exists()
     assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
     loaded, _ = load_pruned(folder, attn_implementation="eager")
-    torch.testing.assert_close(logits(loaded, IDS), logits(model, IDS), rtol=0, atol=0)
+    assert_same(logits(loaded, IDS), logits(model, IDS))
 
 
 @pytest.mark.parametrize("mode", list(PRUNERS))
@@ -200,7 +201,7 @@ def test_roundtrip_stories260k(tmp_path, mode):
     loaded, tok = load_model(folder)
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     assert ids.tolist() == tokenizer("Once upon a time", return_tensors="pt").input_ids.tolist()
-    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
+    assert_same(logits(loaded, ids), logits(model, ids))
     assert torch.equal(greedy(loaded, ids, 20), greedy(model, ids, 20))
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied embeddings stay tied
     assert (folder / "generation_config.json").exists()
@@ -213,7 +214,7 @@ def test_unpruned_stories_is_a_plain_checkpoint(tmp_path):
     folder = save_pruned(model, tokenizer, tmp_path / "ckpt")
     stock = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.tensor([[1, 403, 407, 261, 378]])
-    torch.testing.assert_close(logits(stock, ids), logits(model, ids), rtol=0, atol=0)
+    assert_same(logits(stock, ids), logits(model, ids))
 
 
 def test_lora_on_a_loaded_pruned_model_merges_and_saves(tmp_path):
@@ -229,5 +230,5 @@ def test_lora_on_a_loaded_pruned_model_merges_and_saves(tmp_path):
     merged = lora.merge_and_unload()
     folder = save_pruned(merged, None, tmp_path / "b", provenance={"lora": True})
     loaded, _ = load_pruned(folder, attn_implementation="eager")
-    torch.testing.assert_close(logits(loaded, IDS), logits(merged, IDS), rtol=0, atol=0)
+    assert_same(logits(loaded, IDS), logits(merged, IDS))
     assert not any("lora" in k for k in loaded.state_dict())

@@ -190,6 +190,16 @@ def test_explain_sorts_failures_into_usage_and_runtime():
     assert cli.explain(ValueError("two\nlines"), [])[1] == "two lines"
 
 
+def test_a_flag_is_blamed_only_for_a_value_the_message_quotes_whole():
+    from LLMPruner import cli
+    gpt2 = "model type 'gpt2' has no adapter; supported: ernie4_5, llama"
+    assert cli.explain(ValueError(gpt2), ["--model", "m", "--max_new_tokens", "5"]) == (2, gpt2)  # 5 in ernie4_5
+    dtype = "Invalid device string: 'float32'"
+    assert cli.explain(ValueError(dtype), ["--max_seq_len", "32"]) == (2, dtype)  # 32 in float32
+    assert cli.explain(ValueError("need at least 5 tokens"), ["--max_new_tokens", "5"])[1] == \
+        "--max_new_tokens '5': need at least 5 tokens"
+
+
 def test_tracebacks_only_with_debug_flag_or_env(tmp_path, bad_models, monkeypatch):
     garbage = str(bad_models["garbage"][0])
     argv = ["--checkpoints", f"a={garbage}", "--tasks", "", "--ppl", "--output_dir", str(tmp_path)]

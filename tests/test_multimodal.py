@@ -18,6 +18,7 @@ from conftest import need_shared
 from LLMPruner import load_pruned, prune, save_pruned
 from LLMPruner.checkpoint import CheckpointError, load_model
 from LLMPruner.stream.pipeline import open_source, prune_offloaded
+from tolerance import assert_paths_agree
 
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41]])
 TEXT = dict(vocab_size=600, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -74,7 +75,7 @@ def test_refused_without_the_flag_then_the_language_model_with_the_same_logits(s
     assert not any("vision" in n or "projector" in n for n, _ in model.named_parameters())
     kept = {id(p): p for p in [*dense.model.language_model.parameters(), *dense.get_output_embeddings().parameters()]}
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in kept.values())
-    torch.testing.assert_close(logits(model), logits(dense), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(model), logits(dense))
     # a text model is unchanged by the flag
     again, _ = load_model(folder, text_only=True)
     assert type(again) is type(model)
@@ -88,7 +89,7 @@ def test_pruned_language_model_saves_and_reloads_as_a_text_checkpoint(saved, tmp
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert config["model_type"] == model.config.model_type and "vision_config" not in config
     again, _ = load_pruned(tmp_path / "pruned")
-    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(again), logits(model))
 
 
 @pytest.mark.parametrize("naming", ["as saved", "in-memory names"])
@@ -113,7 +114,7 @@ def test_offload_streams_the_language_model_like_the_in_memory_run(saved, tmp_pa
     in_memory = prune(model, **common)
     assert streamed.plan.to_dict() == in_memory.plans[-1].to_dict()
     again, _ = load_pruned(tmp_path / "off")
-    torch.testing.assert_close(logits(again), logits(model), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(again), logits(model))
 
 
 def test_cli_prunes_an_image_text_folder_only_with_the_flag(tmp_path):
@@ -145,7 +146,7 @@ def test_evaluation_and_the_distillation_teacher_read_the_language_model(saved):
     from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
     kind, dense, folder = saved
     model, _ = load_for_eval(CheckpointSpec(name="dense", model=str(folder), lora=None))
-    torch.testing.assert_close(logits(model), logits(dense), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(model), logits(dense))
     spec = importlib.util.spec_from_file_location("_post_training_mm", REPO / "post_training.py")
     post = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(post)
@@ -154,7 +155,7 @@ def test_evaluation_and_the_distillation_teacher_read_the_language_model(saved):
     args = post.argparse.Namespace(distill_loss="kl", teacher=str(folder), kd_alpha=0.5, kd_temperature=1.0,
                                    kd_chunk_tokens=1024, teacher_device=None)
     post.distill_trainer(args, torch.float32)
-    torch.testing.assert_close(logits(seen["teacher"]), logits(dense), atol=1e-5, rtol=0)
+    assert_paths_agree(logits(seen["teacher"]), logits(dense))
 
 
 def test_an_unsupported_language_model_fails_before_loading(tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ def dequantized(gguf_name: str, data: np.ndarray, qtype, shape: list[int], head_
     """One GGUF tensor as transformers holds it: ``data`` (the reader's array) dequantised to float32 by
     gguf-py, in torch's ``shape``, q/k rows turned back from llama.cpp's interleaved rotary layout."""
     import gguf
-    t = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)).reshape(shape)
+    t = torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32)).reshape(shape)  # a writable copy
     return rotate_half_rows(t, head_dim) if gguf_name.endswith(ROTARY) else t
 
 

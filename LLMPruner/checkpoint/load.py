@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import get_adapter
+from ..cli import looks_local
 from .build import CheckpointError, model_from_state_dict, stock_shapes
 from .gguf_in import gguf_file_of, load_gguf
 from .legacy import is_legacy_pickle, load_legacy_pickle
@@ -31,7 +32,9 @@ def load_model(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype
     """``(model, tokenizer)`` from a Hugging Face id, a (pruned) Hugging Face folder, a folder in
     Meta's layout, a ``.gguf`` file (or a folder holding one), or, with ``allow_pickle=True`` only, a
     reference LLM-Pruner pickle. An image-text checkpoint (Gemma-3 4B+, Mistral Small 3.x) needs
-    ``text_only=True``: its language model alone, as a text model (``multimodal.py``)."""
+    ``text_only=True``: its language model alone, as a text model (``multimodal.py``). ``dtype`` is a
+    ``torch.dtype``, ``"auto"`` or a name (``"float32"``, ``"bfloat16"``, ``"float16"``)."""
+    dtype = as_dtype(dtype)
     path = Path(name_or_path)
     gguf_file = gguf_file_of(path)
     if gguf_file is not None:
@@ -48,7 +51,7 @@ def load_model(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype
         raise CheckpointError(f"{path}: not a checkpoint folder; expected config.json (Hugging Face or "
                               "LLMPruner), params.json + consolidated.*.pth (Meta), or pytorch_model.bin "
                               f"(reference pickle); found {sorted(p.name for p in path.iterdir())[:10]}")
-    elif path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+    elif path.exists() or looks_local(str(name_or_path)):
         raise FileNotFoundError(f"model {str(name_or_path)!r}: no such checkpoint folder")
     elif _image_text(str(name_or_path), text_only):  # a Hugging Face Hub id from here on
         model, tokenizer = _load_text_only(str(name_or_path), dtype)
@@ -57,6 +60,17 @@ def load_model(name_or_path: str | Path, device: str = "cpu", dtype: torch.dtype
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
     return model.to(device).eval(), tokenizer
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    """``dtype`` as every loader takes it: a ``torch.dtype`` for a name such as ``"float32"`` (the scripts'
+    ``--dtype``), ``"auto"`` and ``None`` unchanged."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    found = getattr(torch, str(dtype), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(f"dtype {dtype!r}: not a floating-point dtype; use float32, bfloat16, float16 or auto")
+    return found
 
 
 def _image_text(source: str | Path, text_only: bool) -> bool:
