@@ -24,7 +24,7 @@ from LLMPruner.evaluate.zeroshot import PAPER_TASKS, average, check_tasks, evalu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoints", nargs="+", required=True, help="NAME=MODEL[+LORA_DIR] ...")
     p.add_argument("--ppl", nargs="*", default=["wikitext2", "ptb"], help="wikitext2, ptb or text files")
     p.add_argument("--data_dir", default=None, help="local folder with wikitext2/ and ptb/ (offline)")

@@ -20,7 +20,7 @@ logger = logging.getLogger("export")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--model", required=True, help="pruned folder (or any checkpoint --base_model accepts)")
     p.add_argument("--to", default="gguf", choices=["gguf"], help="target format")
     p.add_argument("--outfile", required=True, help="the .gguf file to write")

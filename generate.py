@@ -19,7 +19,7 @@ from LLMPruner.evaluate.generate import REFERENCE_PROMPTS, SamplingConfig, gener
 from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--model", default=None, help="Hugging Face id or folder (base or pruned)")
     p.add_argument("--lora", default=None, help="peft adapter folder to merge")
     ref = p.add_argument_group("the reference's flags (instead of --model/--lora)")

@@ -16,46 +16,18 @@ files in ``prune_log/<name>.failed``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import random
-import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
-import torch
 
 from LLMPruner import cli
-from LLMPruner.adapters import get_adapter
-from LLMPruner.budget import budget_for_target, non_embedding_parameters
-from LLMPruner.checkpoint import load_model, save_pruned
-from LLMPruner.export import check_gguf_exportable, export_gguf
-from LLMPruner.data.calibration import calibration_examples
-from LLMPruner.estimate import GROUPINGS, TAYLOR_MODES
-from LLMPruner.evaluate.ppl import PPL_DATASETS, evaluate_ppl
-from LLMPruner.prompts import REFERENCE_PROMPTS
-from LLMPruner.experts import check_expert_count, choose_experts, kept_experts, remove_experts
-from LLMPruner.plan import PruningPlan
+from LLMPruner.options import ALL_PRUNERS, DTYPES, GROUPINGS, PPL_DATASETS, TAYLOR_MODES
 from LLMPruner.prune_args import (add_beyond_args, add_expert_args, add_offload_args, check_beyond_args,
-                                  check_expert_args, check_offload_args)
-from LLMPruner.prune import ALL_PRUNERS, check_layer_range, check_refit_tokens, prune, widest_input
-from LLMPruner.run_folder import RunFolder
-from LLMPruner.shrink import count_parameters
-from LLMPruner.structure import ModelStructure
-from LLMPruner.stream.pipeline import open_source, prune_offloaded
-from LLMPruner.stream.weights import skeleton
-from LLMPruner.stream.placement import parse_device_map, place_model, unplace_model
-
-logger = logging.getLogger("hf_prune")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+                                  check_expert_args, check_offload_args, needs_calibration)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     a = p.add_argument
     a("--base_model", default="huggyllama/llama-7b", help="HF id or local folder (plain, pruned or Meta layout)")
     a("--save_ckpt_log_name", default="llama_prune", help="name of the folder under --log_dir")
@@ -83,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--calibration_data", default="bookcorpus",
       help="calibration text: 'bookcorpus' (Hub), another dataset name, or a local .txt/.jsonl/.json file")
     a("--calibration_seq_len", type=int, default=64, help="tokens per calibration sample")
-    a("--device", default=cli.default_device(), help="device for pruning (default: cuda if available, else cpu)")
-    a("--eval_device", default=cli.default_device(), help="device for perplexity and generation")
-    a("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype while pruning")
+    a("--device", default=None, help="device for pruning (default: cuda if available, else cpu)")
+    a("--eval_device", default=None, help="device for perplexity and generation (default: cuda if available, else cpu)")
+    a("--dtype", default="float32", choices=DTYPES, help="weights' dtype while pruning")
     a("--test_before_train", action="store_true", help="perplexity of the dense model first")
     a("--test_after_train", action="store_true", help="sample generations and perplexity after pruning")
     a("--ppl_datasets", default="wikitext2,ptb", help="comma-separated datasets (or text files) for perplexity")
@@ -129,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Flags that name devices, sizes, files and Hub names, checked before anything loads."""
+    args.device = args.device or cli.default_device()
+    args.eval_device = args.eval_device or cli.default_device()
     cli.check_device("--device", args.device)
     cli.check_device("--eval_device", args.eval_device)
     if args.linalg_device == "auto":
@@ -155,358 +129,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     cli.check_writable_dir("--log_dir", args.log_dir)
 
 
-def needs_calibration(args: argparse.Namespace) -> bool:
-    """Whether the run reads calibration text (--layer_wise keeps the first --layer layers: no data)."""
-    if args.prune_experts:
-        return args.expert_importance != "random"
-    return (args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none"
-            or args.prune_layers > 0) and not args.layer_wise
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.offload and args.prune_experts:
-        return main_experts_offload(args)
-    if args.offload:
-        return main_offload(args)
-    # 1. load the model and check the flags against it (nothing is written before they are known good)
-    set_seed(args.seed)
-    model, tokenizer = load_model(args.base_model, device=args.device, dtype=DTYPES[args.dtype],
-                                  allow_pickle=args.allow_pickle, text_only=args.text_only)
-    adapter = get_adapter(model)
-    if args.prune_experts:  # an expert count the model cannot lose fails before anything is written
-        check_expert_count(model, args.prune_experts)
-    else:
-        adapter.check_width_pruning(model.config)
-    if args.save_gguf:
-        check_gguf_exportable(model)  # an architecture llama.cpp cannot run fails before any work
-    resolve_target(args, model)
-    ranges = check_against_model(model.config, args) if not args.prune_experts else {}
-    if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
-        check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
-    # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
-    with run_folder(args) as run:
-        results = prune_and_save(model, tokenizer, args, ranges, run.path)
-        if args.save_model:  # the pruned model is safe before any evaluation (as in the reference)
-            run.commit()
-        evaluate_after(model, tokenizer, args, run.path, results)
-    return 0
-
-
-@contextmanager
-def run_folder(args) -> Iterator[RunFolder]:
-    """The run's folder: committed whole when the block ends (or earlier by the caller), abandoned on failure."""
-    run, handler = start_log(args)
-    try:
-        yield run
-        if not run.committed:
-            run.commit()
-    except BaseException:
-        run.abandon()  # nothing to do once committed: the folder is then this run's, and says how far it got
-        raise
-    finally:
-        logger.info("run folder %s", run.path)
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-
-
-def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
-    results: dict = {"base_model": args.base_model}
-    # 2. dense perplexity
-    if args.test_before_train:
-        results["ppl_before"] = run_ppl(model, tokenizer, args, "before")
-
-    # 3. discover -> score -> select -> shrink
-    examples = None
-    if needs_calibration(args):
-        examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
-                                        args.calibration_seq_len, args.seed)
-    if args.device_map:
-        place_model(model, parse_device_map(args.device_map), args.max_memory)
-    else:
-        model.to(args.device)
-    before = count_parameters(model)
-    t0 = time.perf_counter()
-    plans, structure = prune_experts(model, args, examples) if args.prune_experts \
-        else prune_widths(model, args, ranges, examples)
-    if args.device_map:
-        unplace_model(model, args.device)
-    after = count_parameters(model)
-    results.update(params_before=before, params_after=after, ratio=after / before,
-                   prune_seconds=round(time.perf_counter() - t0, 2), structure=structure.to_dict())
-    log_target(args)
-    logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", before, after, 100 * after / before)
-    logger.info("structure:\n%s", structure.describe())
-    (log_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plans]))
-
-    # 4. the pruned checkpoint, before any evaluation that could fail
-    results["saved_model"] = bool(args.save_model)
-    if args.save_model:
-        save_pruned(model.to("cpu"), tokenizer, log_dir,
-                    provenance={"base_model": args.base_model, "args": vars(args),
-                                "params_before": before, "params_after": after},
-                    round_to=args.round_to if args.round_to > 1 else None)
-    if args.save_gguf:
-        export_gguf(model.to("cpu"), tokenizer, log_dir / "model.gguf", outtype=args.gguf_outtype)
-    model.to(args.device)
-    write_results(log_dir, results)
-    return results
-
-
-def prune_experts(model, args, examples) -> tuple[list[PruningPlan], ModelStructure]:
-    """--prune_experts: the same number of whole experts leaves every MoE layer (LLMPruner/experts.py)."""
-    plan = choose_experts(model, args.prune_experts, examples, args.expert_importance,
-                          batch_size=args.calibration_batch_size, seed=args.seed)
-    remove_experts(model, kept_experts(plan, model))
-    return [plan], get_adapter(model).read_structure(model)
-
-
-def prune_widths(model, args, ranges: dict, examples) -> tuple[list[PruningPlan], ModelStructure]:
-    """Heads, channels, the hidden size or layers (LLMPruner/prune.py)."""
-    _log_linalg(args)
-    mode = "layer_wise" if args.layer_wise else "channel_wise" if args.channel_wise else "block_wise"
-    result = prune(model, mode=mode, pruning_ratio=args.pruning_ratio, pruner_type=args.pruner_type,
-                   taylor=args.taylor, grouping_strategy=args.grouping_strategy, layer=args.layer,
-                   iterative_steps=args.iterative_steps, global_pruning=args.global_pruning,
-                   examples=examples, seed=args.seed, round_to=args.round_to, param_budget=args.param_budget,
-                   compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
-                   layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
-                   query_heads=args.query_heads, budget_criterion=args.budget_criterion,
-                   unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
-                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher,
-                   reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
-                   linalg_device=args.linalg_device, **ranges)
-    return result.plans, result.structure
-
-
-def evaluate_after(model, tokenizer, args, log_dir: Path, results: dict) -> None:
-    """5. sample generations and perplexity of the pruned model; results.json says how far it got."""
-    if not args.test_after_train:
-        return
-    try:
-        model.to(args.eval_device)
-        results["generations"] = sample_generations(model, tokenizer, args)
-        results["ppl_after"] = run_ppl(model, tokenizer, args, "after")
-    except BaseException as err:
-        results["evaluation_error"] = f"{type(err).__name__}: {err}"
-        write_results(log_dir, results)
-        if args.save_model:
-            logger.error("evaluation after pruning failed; the pruned model is saved in %s", log_dir)
-        raise
-    write_results(log_dir, results)
-
-
-def write_results(log_dir: Path, results: dict) -> None:
-    (log_dir / "results.json").write_text(json.dumps(results, indent=2))
-
-
-def resolve_target(args, model) -> None:
-    """``--target_params`` becomes the ``--param_budget`` that reaches it, from the model's own counts (a
-    meta-device skeleton's under ``--offload``: nothing is loaded to count)."""
-    if args.target_params is None:
-        return
-    if args.layer_wise:
-        raise ValueError(f"--target_params {args.target_params:,}: --layer_wise keeps the first --layer layers "
-                         "whatever their size; use --block_wise or --channel_wise (or --prune_layers for depth)")
-    total, non_embedding = count_parameters(model), non_embedding_parameters(model)
-    args.param_budget = budget_for_target(total, non_embedding, args.target_params)
-    args.target_note = (f"--target_params {args.target_params:,}: {total - args.target_params:,} of {total:,} "
-                        f"parameters to remove, --param_budget {args.param_budget:.6f} of the {non_embedding:,} "
-                        "outside the embeddings and head")
-
-
-def log_target(args) -> None:
-    """Say in prune.log what --target_params became (the log file opens after it is resolved)."""
-    if getattr(args, "target_note", None):
-        logger.info("%s", args.target_note)
-
-
-def check_against_model(config, args) -> dict[str, range]:
-    """Flags that only the loaded model's config can check; returns the layer ranges for ``prune``."""
-    n_layers = config.num_hidden_layers
-    ranges = {}
-    explicit = any(v is not None for v in (args.block_attention_layer_end, args.block_mlp_layer_end))
-    if args.block_wise and (args.param_budget is None or explicit):
-        ranges = {
-            "attention_layers": check_layer_range("--block_attention_layer", args.block_attention_layer_start,
-                                                  args.block_attention_layer_end or n_layers - 1, n_layers),
-            "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
-                                            args.block_mlp_layer_end or n_layers - 1, n_layers)}
-    if args.skip_attention:
-        ranges["attention_layers"] = range(0)
-        ranges.setdefault("mlp_layers", check_layer_range(
-            "--block_mlp_layer", args.block_mlp_layer_start, args.block_mlp_layer_end or n_layers - 1, n_layers))
-    if args.layer_wise and not 1 <= args.layer <= n_layers:
-        raise ValueError(f"--layer {args.layer}: must be between 1 and {n_layers} (layers to keep)")
-    if args.layer_wise and args.compensation != "none":
-        raise ValueError(f"--compensation {args.compensation} does not apply to --layer_wise, which keeps the "
-                         "first --layer decoder layers and changes no weights; drop it, or remove layers by "
-                         "importance with --prune_layers N (which --compensation can follow)")
-    positions = getattr(config, "max_position_embeddings", None)
-    used = [("--calibration_seq_len", args.calibration_seq_len, not args.layer_wise),
-            ("--max_seq_len", args.max_seq_len, args.test_before_train or args.test_after_train)]
-    for flag, value, in_use in used:
-        if positions and in_use and value > positions:
-            raise ValueError(f"{flag} {value}: longer than the model's max_position_embeddings {positions} "
-                             f"({args.base_model}); use at most {positions}")
-    return ranges
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def start_log(args) -> tuple[RunFolder, logging.Handler]:
-    run = RunFolder(Path(args.log_dir) / args.save_ckpt_log_name)
-    log_dir = run.path
-    (log_dir / "command.txt").write_text(" ".join([sys.executable] + sys.argv) + "\n")
-    (log_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
-    handler = logging.FileHandler(log_dir / "prune.log", mode="w")  # follows the folder when it moves
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logger.info("run folder %s (written to %s until it succeeds); args %s", run.final, log_dir,
-                json.dumps(vars(args)))
-    return run, handler
-
-
-def run_ppl(model, tokenizer, args, when: str) -> dict[str, float]:
-    model.to(args.eval_device)
-    names = [n for n in args.ppl_datasets.split(",") if n]
-    ppl = evaluate_ppl(model, tokenizer, names, seq_len=args.max_seq_len, batch_size=args.eval_batch_size,
-                       data_dir=args.eval_data_dir, device=args.eval_device)
-    logger.info("PPL %s pruning: %s", when, {k: round(v, 4) for k, v in ppl.items()})
-    print(f"PPL {when} pruning: {json.dumps({k: round(v, 4) for k, v in ppl.items()})}", flush=True)
-    model.to(args.device)
-    return ppl
-
-
-@torch.no_grad()
-def sample_generations(model, tokenizer, args) -> list[dict[str, str]]:
-    model.eval()
-    out = []
-    for prompt in REFERENCE_PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.eval_device)
-        gen = model.generate(ids, do_sample=True, top_k=50, max_length=max(args.max_seq_len, ids.shape[1] + 1),
-                             top_p=args.top_p, temperature=args.temperature,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        text = tokenizer.decode(gen[0], skip_special_tokens=True)
-        logger.info("%s\n%s", text, "=" * 40)
-        out.append({"prompt": prompt, "output": text})
-    return out
-
-
-# --- larger than the machine: --offload (layer by layer) and --device_map (accelerate placement) -------------
-def main_offload(args: argparse.Namespace) -> int:
-    """--offload: the run of ``main`` with the model never loaded whole; the checkpoint is always written."""
-    set_seed(args.seed)
-    model_or_folder, tokenizer, config = open_source(args.base_model, dtype=DTYPES[args.dtype],
-                                                     allow_pickle=args.allow_pickle, text_only=args.text_only)
-    resolve_target(args, model_or_folder if isinstance(model_or_folder, torch.nn.Module) else skeleton(config))
-    ranges = check_against_model(config, args)
-    with run_folder(args) as run:
-        results = offload_prune_and_save(model_or_folder, tokenizer, args, ranges, run.path)
-        run.commit()  # the checkpoint is always written under --offload: safe before any evaluation
-        if args.test_after_train:  # the pruned model, loaded from the folder just written
-            from LLMPruner.checkpoint import load_pruned
-            model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
-            evaluate_after(model, tokenizer, args, run.path, results)
-    return 0
-
-
-def main_experts_offload(args: argparse.Namespace) -> int:
-    """--prune_experts with --offload: scores from the model placed by accelerate (device, host, disk), then
-    the checkpoint rewritten tensor by tensor (LLMPruner/experts_offload.py); neither model is ever whole in
-    host memory (the scoring reads a copy in fused names, written one layer at a time)."""
-    import tempfile
-    from transformers import AutoTokenizer
-    from LLMPruner.checkpoint.load import has_tokenizer
-    from transformers import AutoConfig
-    from LLMPruner.checkpoint.save import write_record
-    from LLMPruner.experts_offload import fused_copy, local_folder, open_offloaded, placement, rewrite_checkpoint
-    from LLMPruner.stream.memory import parse_memory
-    set_seed(args.seed)
-    folder = local_folder(args.base_model)
-    # a model type or expert count that cannot be pruned fails from a meta-device skeleton, before any copy
-    config = AutoConfig.from_pretrained(folder)
-    get_adapter(config)
-    n_experts = check_expert_count(skeleton(config), args.prune_experts)[0].num_experts
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer(folder) else None
-    examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples, args.calibration_seq_len,
-                                    args.seed) if needs_calibration(args) else None
-    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".offload-", dir=args.log_dir) as offload_dir:
-        fused = fused_copy(folder, Path(offload_dir) / "fused", DTYPES[args.dtype])  # one layer at a time
-        model = open_offloaded(fused, args.device, parse_memory(args.max_memory) if args.max_memory else None,
-                               DTYPES[args.dtype], Path(offload_dir) / "accelerate")
-        with run_folder(args) as run:
-            placed = placement(model)
-            logger.info("--offload: %s placed on %s (accelerate; what is on disk streams in from %s)", folder,
-                        placed, offload_dir)
-            t0 = time.perf_counter()
-            plan = choose_experts(model, args.prune_experts, examples, args.expert_importance,
-                                  batch_size=args.calibration_batch_size, seed=args.seed)
-            keep = kept_experts(plan, model)
-            del model
-            counts = rewrite_checkpoint(folder, run.path, keep, n_experts, DTYPES[args.dtype])
-            write_record(run.path, parameters=counts["params_after"], loader="transformers",
-                         provenance={"base_model": args.base_model, "args": vars(args), **counts})
-            if tokenizer is not None and not has_tokenizer(run.path):
-                tokenizer.save_pretrained(run.path)
-            results = {"base_model": args.base_model, "params_before": counts["params_before"],
-                       "params_after": counts["params_after"],
-                       "ratio": counts["params_after"] / counts["params_before"],
-                       "prune_seconds": round(time.perf_counter() - t0, 2), "saved_model": True,
-                       "experts_per_layer": len(next(iter(keep.values()))), "placement": placed}
-            logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%% (stored tensor elements)",
-                        counts["params_before"], counts["params_after"], 100 * results["ratio"])
-            (run.path / "plan.json").write_text(json.dumps([plan.to_dict()]))
-            write_results(run.path, results)
-            run.commit()  # the checkpoint is always written under --offload: safe before any evaluation
-            if args.test_after_train:
-                from LLMPruner.checkpoint import load_pruned
-                model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
-                evaluate_after(model, tokenizer, args, run.path, results)
-    return 0
-
-
-def _log_linalg(args) -> None:
-    """Say where the refit's float64 linear algebra runs when the model is on a GPU and it is not."""
-    if args.compensation == "refit" and torch.device(args.device).type == "cuda" \
-            and torch.device(args.linalg_device).type == "cpu":
-        logger.info("--compensation refit: its float64 statistics, OBS selection and solves run on the host "
-                    "(--linalg_device cpu); --linalg_device auto runs them on %s, much faster on 7B-70B MLPs",
-                    args.device)
-
-
-def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
-    examples = None
-    if args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none":
-        examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
-                                        args.calibration_seq_len, args.seed)
-    _log_linalg(args)
-    result = prune_offloaded(
-        model_or_folder, save_to=log_dir, tokenizer=tokenizer,
-        mode="channel_wise" if args.channel_wise else "block_wise", pruning_ratio=args.pruning_ratio,
-        pruner_type=args.pruner_type, taylor=args.taylor, grouping_strategy=args.grouping_strategy,
-        global_pruning=args.global_pruning, examples=examples, seed=args.seed, round_to=args.round_to,
-        param_budget=args.param_budget, compensation=args.compensation, ridge=args.ridge,
-        sequential=args.offload_sequential, calibration_batch_size=args.calibration_batch_size,
-        device=args.device, dtype=DTYPES[args.dtype], max_memory=args.max_memory,
-        offload_states_to_disk=args.offload_states_to_disk, unit_rounding=args.unit_rounding,
-        budget_criterion=args.budget_criterion, selection=args.selection, obs_damp=args.obs_damp,
-        obs_allocation=args.obs_allocation, reconstruct_steps=args.reconstruct_steps,
-        reconstruct_lr=args.reconstruct_lr, linalg_device=args.linalg_device, provenance={"base_model": args.base_model, "args": vars(args)}, **ranges)
-    results = {"base_model": args.base_model, "params_before": result.params_before,
-               "params_after": result.params_after, "ratio": result.params_after / result.params_before,
-               "structure": result.structure.to_dict(), "stages": result.peaks, "saved_model": True}
-    log_target(args)
-    logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", result.params_before,
-                result.params_after, 100 * result.params_after / result.params_before)
-    (log_dir / "plan.json").write_text(json.dumps([result.plan.to_dict()]))
-    write_results(log_dir, results)
-    return results
+    args = parse_args(argv)  # every flag checked before torch and transformers are imported
+    from LLMPruner.prune_run import run
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ logger = logging.getLogger("post_training")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--prune_model", required=True, help="pruned folder from hf_prune.py, or any HF model id/folder")
     p.add_argument("--data_path", default="yahma/alpaca-cleaned",
                    help="HF dataset name, local .json/.jsonl (Alpaca: instruction/input/output; LaMini: "

@@ -22,7 +22,7 @@ from LLMPruner.evaluate.stats import model_statistics
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--model_type", choices=cli.MODEL_TYPES, default=None,
                    help="pretrain: --base_model; pruneLLM: --ckpt; tune_prune_LLM: --ckpt + --lora_ckpt")
     p.add_argument("--base_model", default=None, help="the model of --model_type pretrain")

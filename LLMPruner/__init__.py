@@ -7,9 +7,31 @@ The stages live in modules of the same name: ``graph`` (dependency discovery by 
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_model, load_pruned, save_pruned  # noqa: E402
-from .plan import PruningPlan  # noqa: E402
-from .prune import prune  # noqa: E402
-from .shrink import apply_plan  # noqa: E402
+import importlib
+import sys
+import types
 
-__all__ = ["PruningPlan", "apply_plan", "load_model", "load_pruned", "prune", "save_pruned"]
+#: the public names and the module each lives in; imported on first use, so that ``LLMPruner.cli`` and
+#: ``LLMPruner.options`` (what the scripts' argument parsers read) load without torch
+_PUBLIC = {"load_model": "checkpoint", "load_pruned": "checkpoint", "save_pruned": "checkpoint",
+           "PruningPlan": "plan", "prune": "prune", "apply_plan": "shrink"}
+__all__ = sorted(_PUBLIC)
+
+
+class _Package(types.ModuleType):
+    """``LLMPruner``: public names load on first use; the submodule ``prune`` never hides the function."""
+
+    def __getattr__(self, name: str):
+        if name not in _PUBLIC:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return  # the import system binding a submodule (LLMPruner.prune) over the public function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

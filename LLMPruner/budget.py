@@ -33,7 +33,7 @@ from .select import channels_per_unit
 logger = logging.getLogger(__name__)
 
 BudgetCriterion = Literal["uniform", "per_param", "zscore"]
-BUDGET_CRITERIA = ("uniform", "per_param", "zscore")
+from .options import BUDGET_CRITERIA, parse_count  # noqa: E402,F401  (re-exported)
 
 def unit_cost(model: nn.Module, fam: Family) -> int:
     """Parameters removed with one unit of ``fam``."""
@@ -56,18 +56,6 @@ def non_embedding_parameters(model: nn.Module) -> int:
     if out is not None:
         skip.add(id(out.weight))
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
-_COUNT_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
-
-def parse_count(text: str, flag: str = "--target_params") -> int:
-    """``"6B"`` -> 6e9, ``"118.6M"`` -> 118,600,000, ``"118589760"`` / ``"6.5e9"`` as written."""
-    import re
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([A-Za-z]?)\s*", str(text))
-    if not m or m.group(2).upper() not in _COUNT_UNITS:
-        raise ValueError(f"{flag} {text!r}: expected a parameter count such as 6B, 118.6M or 118589760")
-    return int(round(float(m.group(1)) * _COUNT_UNITS[m.group(2).upper()]))
 
 
 def budget_for_target(total: int, non_embedding: int, target: int, flag: str = "--target_params") -> float:

@@ -13,6 +13,7 @@ the scripts' argument validation: they run before any model is loaded, so bad fl
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -39,6 +40,17 @@ HUB_MARKERS = ("couldn't connect to 'https://huggingface.co'", "offline mode", "
 
 class UsageError(ValueError):
     """A bad flag value or input file; the message names the flag, the value and what is allowed."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's ``--help``: ``(default: X)`` once, and only where a default says something (not
+    ``None`` or ``False``, not where the help text already states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def add_debug_flag(parser) -> None:

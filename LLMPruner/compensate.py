@@ -34,7 +34,7 @@ from .plan import PruningPlan
 logger = logging.getLogger(__name__)
 
 Compensation = Literal["none", "bias", "refit", "refit_oneshot"]
-COMPENSATIONS = ("none", "bias", "refit", "refit_oneshot")
+from .options import COMPENSATIONS  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from .plan import PruningPlan
 logger = logging.getLogger(__name__)
 
 LayerImportance = Literal["block_influence", "ppl", "taylor"]
-LAYER_IMPORTANCES = ("block_influence", "ppl", "taylor")
+from .options import LAYER_IMPORTANCES  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()

@@ -32,15 +32,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .graph import Family
+from .options import GROUPINGS, PRUNER_TYPES, TAYLOR_MODES  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 PrunerType = Literal["random", "l1", "l2", "taylor"]
 TaylorMode = Literal["vectorize", "param_first", "param_second", "param_mix"]
 Grouping = Literal["sum", "mean", "max", "prod", "last"]
-PRUNER_TYPES = ("random", "l1", "l2", "taylor")
-TAYLOR_MODES = ("vectorize", "param_first", "param_second", "param_mix")
-GROUPINGS = ("sum", "mean", "max", "prod", "last")
 
 Slot = tuple[str, int]  # (parameter name, dim)
 #: Taylor's gradient of the mean calibration loss is taken over chunks of this many samples (the logits of

@@ -38,7 +38,7 @@ from .plan import PruningPlan
 logger = logging.getLogger(__name__)
 
 ExpertImportance = Literal["reap", "frequency", "random"]
-EXPERT_IMPORTANCES = ("reap", "frequency", "random")
+from .options import EXPERT_IMPORTANCES  # noqa: E402,F401  (re-exported)
 #: config (and module) attributes holding the expert count, in the order they are looked for
 COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 

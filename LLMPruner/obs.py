@@ -36,17 +36,7 @@ from .graph import Family
 logger = logging.getLogger(__name__)
 
 Selection = Literal["score", "obs"]
-SELECTIONS = ("score", "obs")
-DAMP = 0.01  # lam = DAMP * mean diag(X^T X): SparseGPT's / SlimGPT's default relative dampening
-
-
-def check_selection(selection: str, compensation: str | None) -> None:
-    """``--selection obs`` chooses units inside the sequential pass, which only ``--compensation refit`` runs."""
-    if selection not in SELECTIONS:
-        raise ValueError(f"--selection {selection!r}: choose one of {', '.join(SELECTIONS)}")
-    if selection == "obs" and compensation != "refit":
-        raise ValueError(f"--selection obs with --compensation {compensation}: OBS selection runs in the "
-                         "sequential layer-by-layer pass, which is --compensation refit; add it")
+from .options import DAMP, SELECTIONS, check_selection  # noqa: E402,F401  (re-exported)
 
 
 def damped(gram: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, float]:

@@ -40,7 +40,7 @@ from .sequential import layer_inputs
 logger = logging.getLogger(__name__)
 
 Allocation = Literal["uniform", "residual", "normalized", "output", "fisher", "kl"]
-ALLOCATIONS = ("uniform", "residual", "normalized", "output", "fisher", "kl")
+from .options import ALLOCATIONS  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()

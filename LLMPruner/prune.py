@@ -31,6 +31,7 @@ from .heads import head_family, rank_family
 from .obs import DAMP, Selection, check_selection, obs_reselect
 from .obs_allocation import Allocation, obs_counts
 from .obs_fisher import output_fisher
+from .options import ACTIVATION_PRUNERS, ALL_PRUNERS  # noqa: F401  (re-exported)
 from .plan import PruningPlan
 from .reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
 from .select import Rounding, channels_per_unit, choose, make_plan
@@ -41,9 +42,7 @@ from .structure import ModelStructure
 logger = logging.getLogger(__name__)
 
 Mode = Literal["block_wise", "channel_wise", "layer_wise"]
-ACTIVATION_PRUNERS = ("fluctuation", "wanda")
 PROTECT_FROM = 8  # decoder layers from which a budget without layer ranges leaves the first and last alone
-ALL_PRUNERS = PRUNER_TYPES + ACTIVATION_PRUNERS
 
 
 @dataclass

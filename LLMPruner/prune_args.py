@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from .budget import BUDGET_CRITERIA, parse_count
-from .compensate import COMPENSATIONS
-from .depth import LAYER_IMPORTANCES
-from .experts import EXPERT_IMPORTANCES
-from .obs import DAMP, SELECTIONS, check_selection
-from .obs_allocation import ALLOCATIONS
-from .reconstruct import LR as RECONSTRUCT_LR, check_reconstruction
-from .select import ROUNDINGS
-from .stream.placement import parse_device_map
+from .options import (ALLOCATIONS, BUDGET_CRITERIA, COMPENSATIONS, DAMP, EXPERT_IMPORTANCES, LAYER_IMPORTANCES,
+                      RECONSTRUCT_LR, ROUNDINGS, SELECTIONS, check_reconstruction, check_selection, parse_count,
+                      parse_device_map, parse_memory)
 
 
 def add_beyond_args(p: argparse.ArgumentParser) -> None:
     """Flags beyond the reference: budgets, compensation, OBS selection, query heads, depth."""
     b = p.add_argument_group("beyond LLM-Pruner (retraining-free quality, depth)")
     b.add_argument("--param_budget", type=float, default=None,
-                   help="remove this fraction of the non-embedding parameters, ranking standardised scores "
-                        "of heads and MLP channels globally (replaces --pruning_ratio; layer ranges apply "
-                        "only if given)")
+                   help="remove this fraction of the non-embedding parameters, spread over heads and MLP channels "
+                        "by --budget_criterion (replaces --pruning_ratio; layer ranges apply only if given)")
     b.add_argument("--target_params", default=None,
                    help="prune to this many parameters in all (e.g. 6B, 118.6M, 118589760; embeddings and head "
                         "included, never pruned): sets --param_budget from the model's own counts; the result "
@@ -166,7 +159,6 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from LLMPruner.stream.memory import parse_memory
     if args.max_memory is not None:
         try:
             parse_memory(args.max_memory)
@@ -199,3 +191,11 @@ def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if bad:
         p.error(f"--offload cannot be combined with {', '.join(bad)} (the layer-streamed pass never holds the "
                 "whole model); drop them or prune without --offload")
+
+
+def needs_calibration(args: argparse.Namespace) -> bool:
+    """Whether the run reads calibration text (--layer_wise keeps the first --layer layers: no data)."""
+    if args.prune_experts:
+        return args.expert_importance != "random"
+    return (args.pruner_type in ("taylor", "fluctuation", "wanda") or args.compensation != "none"
+            or args.prune_layers > 0) and not args.layer_wise

@@ -33,9 +33,7 @@ import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
-#: Adam's learning rate, measured on SmolLM2 (40 WikiText-2 windows: 1e-4 77.33, 3e-4 76.27,
-#: 1e-3 76.96; docs/smollm2.md)
-LR = 3e-4
+from .options import RECONSTRUCT_LR as LR, check_reconstruction  # noqa: E402,F401  (one definition, options.py)
 MAX_TOKENS = 65_536
 
 
@@ -50,17 +48,6 @@ class Reconstruction:
     max_tokens: int = MAX_TOKENS
     seed: int = 0
     checks: int = 4
-
-
-def check_reconstruction(steps: int, lr: float, compensation: str) -> None:
-    """Refuse bad ``--reconstruct_steps`` / ``--reconstruct_lr`` values (ValueError naming the flag)."""
-    if steps < 0:
-        raise ValueError(f"--reconstruct_steps {steps}: must be >= 0 (0 = no reconstruction)")
-    if not lr > 0:
-        raise ValueError(f"--reconstruct_lr {lr}: must be > 0")
-    if steps and compensation != "refit":
-        raise ValueError(f"--reconstruct_steps {steps} needs --compensation refit (it runs in the sequential "
-                         f"pass), not --compensation {compensation}")
 
 
 def mlp_of(layer: nn.Module, consumer_rel: str) -> tuple[str, nn.Module]:

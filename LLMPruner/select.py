@@ -23,7 +23,7 @@ from .plan import PruningPlan
 logger = logging.getLogger(__name__)
 
 Rounding = Literal["reference", "nearest"]
-ROUNDINGS = ("reference", "nearest")
+from .options import ROUNDINGS  # noqa: E402,F401  (re-exported)
 
 
 def removed_count(n_now: int, n0: int, ratio: float, channels_per_unit: int = 1,

@@ -13,6 +13,7 @@ from conftest import REPO, need_shared, tiny_model
 from test_cli_prune import run
 from LLMPruner.checkpoint import save_pruned
 from LLMPruner.prune import prune
+from LLMPruner.prune_run import check_against_model
 
 sys.path.insert(0, str(REPO))
 import hf_prune  # noqa: E402
@@ -69,15 +70,15 @@ def test_flags_checked_against_the_model(flags, message, local_flags):
     args = hf_prune.parse_args(local_flags + ["--block_attention_layer_start", "0", "--block_mlp_layer_start", "0"]
                                + flags)
     with pytest.raises(ValueError, match=message):
-        hf_prune.check_against_model(tiny_model().config, args)
+        check_against_model(tiny_model().config, args)
 
 
 def test_lengths_within_the_model_and_unused_lengths_pass(local_flags):
     args = hf_prune.parse_args(local_flags + ["--block_attention_layer_start", "0", "--block_mlp_layer_start", "0",
                                               "--max_seq_len", "64", "--calibration_seq_len", "64"])
-    hf_prune.check_against_model(tiny_model().config, args)
+    check_against_model(tiny_model().config, args)
     args = hf_prune.parse_args(local_flags + ["--layer_wise", "--layer", "2", "--max_seq_len", "4096"])
-    hf_prune.check_against_model(tiny_model().config, args)  # no evaluation: any --max_seq_len
+    check_against_model(tiny_model().config, args)  # no evaluation: any --max_seq_len
 
 
 @pytest.fixture

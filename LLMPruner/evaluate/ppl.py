@@ -24,13 +24,9 @@ from ..data.text import read_hf_documents
 logger = logging.getLogger(__name__)
 
 Protocol = Literal["reference", "sliding"]
-PROTOCOLS = ("reference", "sliding")
+from ..options import PROTOCOLS  # noqa: E402,F401  (re-exported)
 
-#: dataset name -> (file inside a local data dir, HF name, HF config, split, field)
-PPL_DATASETS = {
-    "wikitext2": ("wikitext2/wiki.test.raw", "wikitext", "wikitext-2-raw-v1", "test", "text"),
-    "ptb": ("ptb/ptb.valid.txt", "ptb_text_only", "penn_treebank", "validation", "sentence"),
-}
+from ..options import PPL_DATASETS  # noqa: E402,F401  (re-exported)
 
 
 def load_ppl_text(name: str, data_dir: str | Path | None = None) -> str:

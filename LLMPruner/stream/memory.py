@@ -19,18 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_memory(text: str | int, flag: str = "--max_memory") -> int:
-    """``"8GB"`` -> 8e9 bytes, ``"512MiB"`` -> 2**29, ``1000`` -> 1000."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"{flag} {text!r}: expected a size such as 8GB, 512MB or 24GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+from ..options import parse_memory  # noqa: E402,F401  (re-exported)
 
 
 def host_rss(kind: str = "VmRSS") -> int:

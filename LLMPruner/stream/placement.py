@@ -19,21 +19,7 @@ from .memory import parse_memory
 logger = logging.getLogger(__name__)
 
 
-def parse_device_map(text: str) -> str | dict:
-    """``auto``, a device (``cpu``, ``cuda:1``), or a JSON object ``{"module name": device}``."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--device_map {text!r}: not valid JSON ({err})") from err
-        if not isinstance(value, dict):
-            raise ValueError(f"--device_map {text!r}: expected a JSON object of module name -> device")
-        return value
-    if text in ("auto", "balanced", "sequential") or text == "cpu" or text.startswith(("cuda", "xpu", "mps")):
-        return text
-    raise ValueError(f"--device_map {text!r}: choose auto, balanced, sequential, a device (cpu, cuda:0) "
-                     "or a JSON map such as '{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}'")
+from ..options import parse_device_map  # noqa: E402,F401  (re-exported)
 
 
 def device_budget(max_memory: str | int | None) -> dict | None:
