@@ -13,14 +13,9 @@ import importlib.util
 import logging
 from pathlib import Path
 
-import torch
-
 from LLMPruner import cli
-from LLMPruner.evaluate.models import load_for_eval, parse_spec
-from LLMPruner.evaluate.ppl import PPL_DATASETS, PROTOCOLS, evaluate_ppl
-from LLMPruner.evaluate.report import markdown_table, write_report
-from LLMPruner.evaluate.stats import model_statistics
-from LLMPruner.evaluate.zeroshot import PAPER_TASKS, average, check_tasks, evaluate_zeroshot
+from LLMPruner.evaluate.models import parse_spec
+from LLMPruner.options import PAPER_TASKS, PPL_DATASETS, PROTOCOLS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,9 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--no_stats", action="store_true", help="skip parameters/MACs/latency")
     p.add_argument("--no_latency", action="store_true", help="count parameters/MACs only")
-    p.add_argument("--device", default=cli.default_device(), help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
-    p.add_argument("--output_dir", default="results")
+    p.add_argument("--output_dir", default="results", help="where results.json and results.md are written")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output_dir")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--allow_pickle", action="store_true",
                    help="let a checkpoint be a reference LLM-Pruner pickle (pytorch_model.bin): this RUNS "
@@ -57,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Flags checked before any model loads (the task names are checked in main, which needs lm-eval)."""
-    cli.check_device("--device", args.device)
+    args.device = cli.check_device("--device", args.device or cli.default_device())
     for flag in ("max_seq_len", "limit", "batch_size", "ppl_stride", "zeroshot_max_length"):
         cli.check_min(f"--{flag}", getattr(args, flag), 1)
     if args.tasks is None:
@@ -69,6 +65,7 @@ def check_inputs(args: argparse.Namespace) -> None:
                 "zero-shot tasks)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if tasks:
+        from LLMPruner.evaluate.zeroshot import check_tasks
         check_tasks(tasks)  # "unknown task 'x'. Did you mean ...?" (lm-eval's index: ~10 s, once)
     seen: dict[str, str] = {}
     for text in args.checkpoints:
@@ -91,10 +88,17 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise cli.UsageError(f"--tasks {args.tasks}: lm-eval downloads these from the Hugging Face Hub, which is "
                              "unreachable; pass --zeroshot_dir ../shared/data/zeroshot (local task files) or "
                              "--tasks ''")
+    earlier = [n for n in ("results.json", "results.md") if (Path(args.output_dir) / n).exists()]
+    if earlier and not args.overwrite:
+        raise cli.UsageError(f"--output_dir {args.output_dir!r}: holds {' and '.join(earlier)} of an earlier run; "
+                             "choose another folder or pass --overwrite to replace them")
     cli.check_writable_dir("--output_dir", args.output_dir)
 
 
 def evaluate_one(model, tokenizer, args: argparse.Namespace, tasks: list[str]) -> dict:
+    from LLMPruner.evaluate.ppl import evaluate_ppl
+    from LLMPruner.evaluate.stats import model_statistics
+    from LLMPruner.evaluate.zeroshot import average, evaluate_zeroshot
     row: dict = {}
     if args.ppl:
         row["ppl"] = evaluate_ppl(model, tokenizer, args.ppl, args.max_seq_len, args.batch_size,
@@ -112,7 +116,11 @@ def evaluate_one(model, tokenizer, args: argparse.Namespace, tasks: list[str]) -
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag checked before torch and transformers are imported
+    import torch
+
+    from LLMPruner.evaluate.models import load_for_eval
+    from LLMPruner.evaluate.report import markdown_table, write_report
     torch.manual_seed(args.seed)
     # 1. everything cheap was checked by parse_args, before loading any model
     specs = [parse_spec(s) for s in args.checkpoints]

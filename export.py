@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from LLMPruner import cli
-from LLMPruner.checkpoint import CheckpointError, load_model
-from LLMPruner.export import OUTTYPES, export_gguf
+from LLMPruner.options import OUTTYPE_NAMES
 
 logger = logging.getLogger("export")
 
@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="pruned folder (or any checkpoint --base_model accepts)")
     p.add_argument("--to", default="gguf", choices=["gguf"], help="target format")
     p.add_argument("--outfile", required=True, help="the .gguf file to write")
-    p.add_argument("--outtype", default="f16", choices=sorted(OUTTYPES),
+    p.add_argument("--outtype", default="f16", choices=OUTTYPE_NAMES,
                    help="tensor type: f32 (exact), f16 (default, as llama.cpp's converter), bf16, q8_0")
     p.add_argument("--tokenizer_pre", default=None,
                    help="llama.cpp pre-tokenizer name for a byte-level BPE tokenizer the exporter does not "
@@ -34,11 +34,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "q8_0 blocks need multiples of 8-32; exact); 1 writes the pruned widths as they are")
     p.add_argument("--allow_pickle", action="store_true", help="as in hf_prune.py (reference pickles)")
     cli.add_debug_flag(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_source("--model", args.model, "model", "--model prune_log/NAME (hf_prune.py's folder)")
+    cli.check_writable_dir("--outfile", Path(args.outfile).resolve().parent)
+    return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag checked before torch and transformers are imported
+    from LLMPruner.checkpoint import CheckpointError, load_model
+    from LLMPruner.export import export_gguf
     # 1. load in float32 (the exporter converts to --outtype itself)
     model, tokenizer = load_model(args.model, dtype="float32", allow_pickle=args.allow_pickle)
     if tokenizer is None:

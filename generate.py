@@ -15,8 +15,6 @@ import os
 import logging
 
 from LLMPruner import cli
-from LLMPruner.evaluate.generate import REFERENCE_PROMPTS, SamplingConfig, generate
-from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
@@ -43,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=cli.default_device(), help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "auto"])
     p.add_argument("--allow_pickle", action="store_true",
                    help="let the model be a reference LLM-Pruner pickle (pytorch_model.bin): this RUNS PICKLED "
@@ -51,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
     args.model, args.lora, model_flag = cli.reference_model(args)
-    cli.check_device("--device", args.device)
+    args.device = cli.check_device("--device", args.device or cli.default_device())
     cli.check_source(model_flag, args.model, "model", f"{model_flag} ../shared/models/stories260K")
     if args.lora is not None and not os.path.isdir(args.lora):
         lora_flag = "--lora_ckpt" if args.model_type else "--lora"
@@ -63,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[str]:
     logging.basicConfig(level=logging.WARNING)
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag checked before torch and transformers are imported
+    from LLMPruner.evaluate.generate import REFERENCE_PROMPTS, SamplingConfig, generate
+    from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
     # 1. sampling flags are checked before the model loads
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -116,6 +116,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     if needs_calibration(args):
         cli.check_source("--calibration_data", args.calibration_data, "dataset",
                          "--calibration_data ../shared/data/c4/c4_demo.jsonl (a .txt/.jsonl/.json file)")
+        if Path(args.calibration_data).is_file() and not _has_text(Path(args.calibration_data)):
+            raise cli.UsageError(f"--calibration_data {args.calibration_data!r}: the file holds no text; give a "
+                                 ".txt/.jsonl/.json file with the calibration documents")
     if args.eval_data_dir is not None and not Path(args.eval_data_dir).is_dir():
         raise cli.UsageError(f"--eval_data_dir {args.eval_data_dir!r}: no such folder (expected one holding "
                              "wikitext2/wiki.test.raw and ptb/ptb.valid.txt)")
@@ -127,6 +130,12 @@ def check_inputs(args: argparse.Namespace) -> None:
             elif name not in PPL_DATASETS and not Path(name).is_file():
                 raise cli.UsageError(f"--ppl_datasets {name!r}: neither {sorted(PPL_DATASETS)} nor a text file")
     cli.check_writable_dir("--log_dir", args.log_dir)
+
+
+def _has_text(path: Path) -> bool:
+    """Whether ``path`` holds anything but white space (read line by line: stops at the first text)."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return any(line.strip() for line in f)
 
 
 def main(argv=None) -> int:

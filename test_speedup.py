@@ -16,8 +16,6 @@ import logging
 import os
 
 from LLMPruner import cli
-from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
-from LLMPruner.evaluate.stats import model_statistics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="instead of --model_type: any model folder or id")
     p.add_argument("--seq_len", type=int, default=64, help="tokens of the input (the reference: 64)")
     p.add_argument("--latency", action="store_true", help="also time forward passes and generation")
-    p.add_argument("--device", default=cli.default_device(), help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="auto", choices=["float32", "float16", "bfloat16", "auto"],
                    help="auto: the checkpoint's dtype (the reference: fp16 on CUDA, fp32 on CPU)")
     p.add_argument("--json", default=None, help="also write the statistics to this JSON file")
@@ -41,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
     args.model, args.lora, flag = cli.reference_model(args)
-    cli.check_device("--device", args.device)
+    args.device = cli.check_device("--device", args.device or cli.default_device())
     cli.check_min("--seq_len", args.seq_len, 1)
     cli.check_source(flag, args.model, "model", f"{flag} ../shared/models/stories260K")
     if args.lora is not None and not os.path.isdir(args.lora):
@@ -53,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING)
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag checked before torch and transformers are imported
+    from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
+    from LLMPruner.evaluate.stats import model_statistics
     spec = CheckpointSpec(name="model", model=args.model, lora=args.lora)
     model, _ = load_for_eval(spec, device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle)
     stats = model_statistics(model, args.seq_len, latency=args.latency)

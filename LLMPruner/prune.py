@@ -172,6 +172,14 @@ def _check(ratio, steps, pruner_type, param_budget, examples, compensation) -> N
         raise ValueError(f"--pruner_type {pruner_type} / --compensation {compensation} need calibration examples")
 
 
+def check_round_to(model: nn.Module, round_to: int, mode: Mode = "block_wise", attention_layers: range | None = None,
+                   mlp_layers: range | None = None, param_budget: float | None = None) -> None:
+    """``prune``'s refusal of a ``round_to`` wider than a family it would prune, before any work (a trace)."""
+    if round_to > 1 and mode in ("block_wise", "channel_wise"):
+        _check_round_to(_targets(discover(model).families, mode, attention_layers, mlp_layers, param_budget),
+                        round_to)
+
+
 def _check_round_to(targets, round_to: int) -> None:
     """A multiple of ``round_to`` at least as wide as a family keeps all of it: refuse, naming the width."""
     for fam in targets:

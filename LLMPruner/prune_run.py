@@ -26,12 +26,12 @@ from .adapters import get_adapter
 from .budget import budget_for_target, non_embedding_parameters
 from .checkpoint import load_model, save_pruned
 from .data.calibration import calibration_examples
-from .evaluate.ppl import evaluate_ppl
+from .evaluate.ppl import describe_ppl, evaluate_ppl
 from .experts import check_expert_count, choose_experts, kept_experts, remove_experts
 from .export import check_gguf_exportable, export_gguf
 from .plan import PruningPlan
 from .prompts import REFERENCE_PROMPTS
-from .prune import check_layer_range, check_refit_tokens, prune, widest_input
+from .prune import check_layer_range, check_refit_tokens, check_round_to, prune, widest_input
 from .prune_args import needs_calibration
 from .run_folder import RunFolder
 from .shrink import count_parameters
@@ -66,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
     ranges = check_against_model(model.config, args) if not args.prune_experts else {}
     if args.block_wise:  # refuse a refit the calibration tokens cannot support, before writing anything
         check_refit_tokens(args.num_examples, args.calibration_seq_len, widest_input(model), args.compensation)
+    if not args.prune_experts and not args.layer_wise:  # and a --round_to wider than a pruned family
+        check_round_to(model, args.round_to, "channel_wise" if args.channel_wise else "block_wise",
+                       ranges.get("attention_layers"), ranges.get("mlp_layers"), args.param_budget)
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
     with run_folder(args) as run:
         results = prune_and_save(model, tokenizer, args, ranges, run.path)
@@ -169,6 +172,7 @@ def evaluate_after(model, tokenizer, args, log_dir: Path, results: dict) -> None
         model.to(args.eval_device)
         results["generations"] = sample_generations(model, tokenizer, args)
         results["ppl_after"] = run_ppl(model, tokenizer, args, "after")
+        results["ppl_text"] = {name: describe_ppl(name, args.max_seq_len) for name in results["ppl_after"]}
     except BaseException as err:
         results["evaluation_error"] = f"{type(err).__name__}: {err}"
         write_results(log_dir, results)
@@ -260,6 +264,8 @@ def run_ppl(model, tokenizer, args, when: str) -> dict[str, float]:
                        data_dir=args.eval_data_dir, device=args.eval_device)
     logger.info("PPL %s pruning: %s", when, {k: round(v, 4) for k, v in ppl.items()})
     print(f"PPL {when} pruning: {json.dumps({k: round(v, 4) for k, v in ppl.items()})}", flush=True)
+    for name in ppl:  # which text and windows each figure is (not the benchmarks' 160-window protocol)
+        print(f"  {name}: {describe_ppl(name, args.max_seq_len)}", flush=True)
     model.to(args.device)
     return ppl
 

@@ -34,6 +34,10 @@ def test_seed_example_runs_and_saves(tmp_path):
     assert results["params_after"] < results["params_before"]
     assert results["ppl_after"][str(tiny)] > results["ppl_before"][str(tiny)] > 1
     assert len(results["generations"]) == 5
+    # each figure says which text and windows it is (the README's tables use other windows)
+    assert results["ppl_text"][str(tiny)].startswith(f"the file {tiny}, whole") and "128-token windows" in \
+        results["ppl_text"][str(tiny)]
+    assert f"  {tiny}: the file {tiny}, whole" in proc.stdout
     assert "hf_prune.py" in (run_dir / "command.txt").read_text()
     assert "#Param before" in (run_dir / "prune.log").read_text()
     plan = json.loads((run_dir / "plan.json").read_text())

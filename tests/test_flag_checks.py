@@ -101,17 +101,20 @@ def local_flags(tmp_path):
     (["--layer_wise", "--layer", "3", "--compensation", "refit", "--calibration_data", "TEXT"],
      "--compensation refit does not apply to --layer_wise"),
     (["--round_to", "256"], "--round_to 256: layer 1's attention has only 64 channels"),
+    (["--pruner_type", "taylor", "--calibration_data", "EMPTY"], "the file holds no text"),
 ])
 def test_cli_refuses_in_one_line_before_writing(tmp_path, flags, message):
     model = need_shared("models", "stories260K")
     text = need_shared("data", "tinystories", "tinystories_val.txt")
-    flags = [str(text) if f == "TEXT" else f for f in flags]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    flags = [str(text) if f == "TEXT" else str(tmp_path / "empty.txt") if f == "EMPTY" else f for f in flags]
     proc = run(["--base_model", str(model), "--device", "cpu", "--block_attention_layer_start", "1",
                 "--block_attention_layer_end", "4", "--block_mlp_layer_start", "1", "--block_mlp_layer_end", "4"]
                + flags, tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "need calibration examples" not in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "prune_log" / "llama_prune").exists()
+    log = tmp_path / "prune_log"
+    assert not log.exists() or not list(log.iterdir()), list(log.iterdir())  # no run folder, no .failed
 
 
 @pytest.mark.parametrize("model_type, check", [

@@ -73,3 +73,36 @@ def test_a_bench_script_and_an_installed_command_work_from_another_folder(tmp_pa
     run = subprocess.run([command, "--model_type", "pretrain", "--base_model", str(model), "--device", "cpu"],
                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "0.2600 M" in run.stdout, run.stderr[-2000:]
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+    lines = [line.strip() for line in (REPO / "requirements.lock").read_text().splitlines()]
+    return {canonicalize_name(name): version for name, _, version in
+            (line.partition("==") for line in lines if line and not line.startswith("#"))}
+
+
+def test_the_lock_pins_every_requirement_within_its_range_and_leaves_torch_to_the_user():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    pins = _pins()
+    assert "torch" not in pins  # the build for the user's machine is installed first (README, "Installing")
+    assert all(version for version in pins.values()), "every line of requirements.lock is NAME==VERSION"
+    for text in project()["dependencies"] + project()["optional-dependencies"]["dev"]:
+        req = Requirement(text)
+        if req.name == "torch":
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"requirements.lock does not pin {req.name} (bash .ci/lock regenerates it)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req}"
+
+
+def test_ci_runs_the_readmes_test_command_which_installs_through_the_lock():
+    command = subprocess.run([sys.executable, str(REPO / ".ci" / "readme_command.py"), str(REPO / "README.md")],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert command == 'pip install -c requirements.lock -e ".[dev]" && python -m pytest -q tests'
+    ci = (REPO / ".ci" / "run").read_text()
+    assert '.ci/readme_command.py README.md' in ci and 'bash -c "$command"' in ci
+    assert "python3 -m venv" in ci and "pip install -q torch==2.13.0" in ci
+    quick_start = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("```bash", 1)[1]
+    assert "pip install -c requirements.lock -e ." in quick_start.split("```", 1)[0]

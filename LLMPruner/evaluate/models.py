@@ -9,8 +9,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 
@@ -34,7 +32,7 @@ def parse_spec(text: str) -> CheckpointSpec:
     return CheckpointSpec(name=name or Path(rest).name or rest, model=model, lora=lora or None)
 
 
-def load_for_eval(spec: CheckpointSpec, device: str = "cpu", dtype: torch.dtype | str = "auto", *,
+def load_for_eval(spec: CheckpointSpec, device: str = "cpu", dtype: "torch.dtype | str" = "auto", *,
                   allow_pickle: bool = False):
     """``(model, tokenizer)`` of a spec, with its LoRA adapter merged when given (``allow_pickle``: see
     ``load_model``)."""
@@ -68,6 +66,7 @@ def load_adapter(model, folder: Path):
         from safetensors.torch import load_file
         state = load_file(weights)
     else:
+        import torch
         state = torch.load(weights, map_location="cpu", weights_only=True)
     peft_model = get_peft_model(model, config)
     result = set_peft_model_state_dict(peft_model, state)

@@ -50,6 +50,20 @@ def load_ppl_text(name: str, data_dir: str | Path | None = None) -> str:
     return "\n\n".join(rows)
 
 
+#: what each known text is, as the figures should say
+_TEXTS = {"wikitext2": "WikiText-2 test split", "ptb": "PTB validation split (the paper's)"}
+
+
+def describe_ppl(name: str, seq_len: int, protocol: Protocol = "reference", stride: int | None = None) -> str:
+    """Which text and windows a perplexity figure of ``evaluate_ppl`` is, in one line: the whole split,
+    tokenized once, in every window (``bench/smollm2.py``'s protocol figures use the first 160 windows of
+    WikiText-2 test and PTB *test* instead, so the two differ)."""
+    text = _TEXTS.get(name, f"the file {name}")
+    windows = (f"all non-overlapping {seq_len}-token windows" if protocol == "reference" else
+               f"{seq_len}-token windows moved by {stride or max(seq_len // 2, 1)} tokens (sliding)")
+    return f"{text}, whole, rows joined by blank lines; {windows}; PPL = exp(mean next-token NLL)"
+
+
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, seq_len: int, batch_size: int = 4,
                device: str | torch.device | None = None, desc: str = "ppl") -> float:

@@ -6,19 +6,25 @@ model: ``packing`` (text into blocks) → ``kd_loss`` (chunked KL/CE) → ``dist
 """
 from __future__ import annotations
 
-from .data import (IGNORE_INDEX, DataFormatError, build_instruction_datasets, build_text_eval_dataset,
-                   load_instruction_records, tokenize_example)
-from .distill import DistillConfig, distill_trainer_class
-from .kd_loss import chunked_kd_loss
-from .merge import merge_adapter, merge_lora, save_merged
-from .packing import build_packed_datasets, pack_documents
-from .prompts import TEMPLATES, Prompter
-from .train import (DiskFullError, RecoveryConfig, TrainingDivergedError, build_trainer, default_dtype,
-                    gradient_accumulation_steps, last_complete_checkpoint, reporting_disk_full, wrap_lora)
+import importlib
 
-__all__ = ["DistillConfig", "build_packed_datasets", "chunked_kd_loss", "distill_trainer_class", "pack_documents",
-           "IGNORE_INDEX", "DataFormatError", "DiskFullError", "last_complete_checkpoint", "reporting_disk_full",
-           "Prompter", "RecoveryConfig", "TEMPLATES",
-           "TrainingDivergedError", "build_instruction_datasets", "build_text_eval_dataset", "build_trainer",
-           "default_dtype", "gradient_accumulation_steps", "load_instruction_records", "merge_adapter",
-           "merge_lora", "save_merged", "tokenize_example", "wrap_lora"]
+#: public name -> submodule; loaded on first use, so that post_training.py's parser (distill_cli) needs no torch
+_PUBLIC = {
+    "IGNORE_INDEX": "data", "DataFormatError": "data", "build_instruction_datasets": "data",
+    "build_text_eval_dataset": "data", "load_instruction_records": "data", "tokenize_example": "data",
+    "DistillConfig": "distill", "distill_trainer_class": "distill", "chunked_kd_loss": "kd_loss",
+    "merge_adapter": "merge", "merge_lora": "merge", "save_merged": "merge",
+    "build_packed_datasets": "packing", "pack_documents": "packing", "TEMPLATES": "prompts", "Prompter": "prompts",
+    "DiskFullError": "train", "RecoveryConfig": "train", "TrainingDivergedError": "train", "build_trainer": "train",
+    "default_dtype": "train", "gradient_accumulation_steps": "train", "last_complete_checkpoint": "train",
+    "reporting_disk_full": "train", "wrap_lora": "train",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
