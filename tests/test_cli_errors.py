@@ -233,3 +233,15 @@ def test_an_unreachable_hub_fails_in_seconds_in_one_line_without_offline_mode(tm
                          timeout=300)  # a real process: stderr is exactly that one line
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("hf_prune.py: error: --base_model 'huggyllama/llama-7b'")
+
+
+@pytest.mark.parametrize("script, flag", [("hf_prune.py", "--base_model"), ("export.py", "--model")])
+def test_a_typo_in_a_local_path_is_a_missing_path_not_a_hub_name(tmp_path, monkeypatch, script, flag):
+    (tmp_path / "prune_log" / "llama_prune").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    argv = [flag, "prune_log/llama_prnue"] + (["--outfile", "x.gguf"] if script == "export.py" else [])
+    start = time.perf_counter()
+    status, _, err = run_cli(script, argv)
+    assert status == 2 and "Hub" not in err, err
+    assert f"{flag} 'prune_log/llama_prnue': no such file or folder (did you mean 'prune_log/llama_prune'?)" in err
+    assert time.perf_counter() - start < 5  # no Hub retries

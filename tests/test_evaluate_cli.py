@@ -67,6 +67,21 @@ def test_evaluate_cli_rejects_unknown_task_before_loading(tmp_path):
     assert run.returncode != 0 and "unknown task 'hellaswagg'. Did you mean hellaswag" in run.stderr
 
 
+def test_evaluate_cli_keeps_an_earlier_runs_results_unless_told_to_overwrite(tmp_path):
+    from cli_helpers import run_cli
+    stories = need_shared("models", "stories260K")
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a girl. " * 40)
+    argv = ["--checkpoints", f"base={stories}", "--ppl", str(text), "--tasks", "", "--no_stats", "--device", "cpu",
+            "--output_dir", str(tmp_path / "out")]
+    assert run_cli("evaluate.py", argv)[0] == 0
+    first = (tmp_path / "out" / "results.md").read_text()
+    status, _, err = run_cli("evaluate.py", argv)
+    assert status == 2 and "holds results.json and results.md of an earlier run" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "results.md").read_text() == first
+    assert run_cli("evaluate.py", argv + ["--overwrite"])[0] == 0
+
+
 def test_generate_cli_greedy(tmp_path):
     model = need_shared("models", "stories260K")
     cmd = [sys.executable, "generate.py", "--model", str(model), "--prompt", "Once upon a time",
