@@ -21,8 +21,8 @@ from pathlib import Path
 
 from LLMPruner import cli
 from LLMPruner.options import ALL_PRUNERS, DTYPES, GROUPINGS, PPL_DATASETS, TAYLOR_MODES
-from LLMPruner.prune_args import (add_beyond_args, add_expert_args, add_offload_args, check_beyond_args,
-                                  check_expert_args, check_offload_args, needs_calibration)
+from LLMPruner.prune_args import (add_beyond_args, add_expert_args, add_offload_args, apply_sources,
+                                  check_run_flags, explicit_flags, needs_calibration)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,21 +80,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--seed", type=int, default=42, help="random seed")
     add_expert_args(p)
     add_offload_args(p)
+    g = p.add_argument_group("recipes and configurations (LLMPruner/config.py, LLMPruner/recipes/)")
+    g.add_argument("--recipe", default=None,
+                   help="a measured setting: quality, fast, reference, quality+reconstruct (--list_recipes shows "
+                        "their figures), auto (prune with each, keep the lowest held-out loss), or a recipe "
+                        "file; it sets the flags it names, except those given on this command line")
+    g.add_argument("--config", default=None,
+                   help="a configuration file (an earlier run's prune_config.json, or YAML): its settings, except the "
+                        "flags given on this command line")
+    g.add_argument("--list_recipes", action="store_true", help="print the recipes and their measured figures")
     cli.add_debug_flag(p)
     args = p.parse_args(argv)
-    check_expert_args(p, args)  # --prune_experts replaces every width mode
+    if args.list_recipes:
+        from LLMPruner.recipe import recipe_table
+        print(recipe_table())
+        p.exit(0)
+    try:  # the pruning options are checked in one place: PruneConfig.validate (one line naming the flag)
+        apply_sources(args, explicit_flags(p, argv))
+        check_run_flags(args)
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from None
     if args.pruning_ratio is None and not args.prune_experts:
         args.pruning_ratio = 0.5
     if not (args.block_wise or args.channel_wise or args.layer_wise or args.prune_experts):
         args.block_wise = True  # the paper's main mode
-    if args.pruning_ratio is not None and not 0.0 <= args.pruning_ratio < 1.0:
-        p.error(f"--pruning_ratio {args.pruning_ratio}: must be in [0, 1)")
-    if args.num_examples < 1:
-        p.error(f"--num_examples {args.num_examples}: must be >= 1")
-    if args.round_to < 1:
-        p.error(f"--round_to {args.round_to}: must be >= 1")
-    check_beyond_args(p, args)
-    check_offload_args(p, args)
     check_inputs(args)
     return args
 

@@ -1,13 +1,12 @@
-"""hf_prune.py's flags beyond the reference's (budgets, compensation, OBS, depth) and for models larger
-than the device (offload, placement), with their checks: each check names the flag, the bad value and
-what is allowed (``p.error``)."""
+"""hf_prune.py's flags beyond the reference's (budgets, compensation, OBS, depth, experts) and for models
+larger than the device (offload, placement); recipes and configuration files laid under the explicit flags.
+The pruning options are checked in one place, ``PruneConfig.validate`` (``LLMPruner/config.py``)."""
 from __future__ import annotations
 
 import argparse
 
 from .options import (ALLOCATIONS, BUDGET_CRITERIA, COMPENSATIONS, DAMP, EXPERT_IMPORTANCES, LAYER_IMPORTANCES,
-                      RECONSTRUCT_LR, ROUNDINGS, SELECTIONS, check_reconstruction, check_selection, parse_count,
-                      parse_device_map, parse_memory)
+                      RECONSTRUCT_LR, ROUNDINGS, SELECTIONS, parse_count)
 
 
 def add_beyond_args(p: argparse.ArgumentParser) -> None:
@@ -73,34 +72,6 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--calibration_batch_size", type=int, default=8, help="samples per forward for statistics")
 
 
-def check_beyond_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse bad values and combinations of those flags (``p.error``: exit 2 with the message)."""
-    if args.param_budget is not None and not 0.0 <= args.param_budget < 1.0:
-        p.error(f"--param_budget {args.param_budget}: must be in [0, 1)")
-    if args.target_params is not None:
-        if args.param_budget is not None:
-            p.error(f"--target_params {args.target_params} and --param_budget {args.param_budget}: both set the "
-                    "budget; give one")
-        try:
-            args.target_params = parse_count(args.target_params)
-        except ValueError as err:
-            p.error(str(err))
-    if args.obs_damp <= 0:
-        p.error(f"--obs_damp {args.obs_damp}: must be > 0")
-    try:
-        check_selection(args.selection, args.compensation)
-        check_reconstruction(args.reconstruct_steps, args.reconstruct_lr, args.compensation)
-    except ValueError as err:
-        p.error(str(err))
-    if args.obs_allocation != "uniform" and args.selection != "obs":
-        p.error(f"--obs_allocation {args.obs_allocation} needs --selection obs")
-    if args.obs_fisher and args.selection != "obs":
-        p.error("--obs_fisher needs --selection obs")
-    if args.linalg_device != "cpu" and args.compensation != "refit":
-        p.error(f"--linalg_device {args.linalg_device}: only --compensation refit (its statistics, OBS selection and "
-                f"solves) runs float64 linear algebra there, not --compensation {args.compensation}; drop it")
-
-
 def add_expert_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mixture-of-experts models (LLMPruner/experts.py)")
     g.add_argument("--prune_experts", type=int, default=0,
@@ -110,33 +81,6 @@ def add_expert_args(p: argparse.ArgumentParser) -> None:
                    help="--prune_experts: which experts go: reap (router weight x output norm, averaged over the "
                         "tokens routed to the expert; REAP, 2025), frequency (how often the router chooses it) "
                         "or random")
-
-
-#: flags of the width modes, with the test that says a run gave them
-WIDTH_FLAGS = {
-    "--pruning_ratio": lambda a: a.pruning_ratio is not None, "--block_wise": lambda a: a.block_wise,
-    "--channel_wise": lambda a: a.channel_wise, "--layer_wise": lambda a: a.layer_wise,
-    "--param_budget": lambda a: a.param_budget is not None, "--target_params": lambda a: a.target_params is not None,
-    "--compensation": lambda a: a.compensation != "none", "--selection": lambda a: a.selection != "score",
-    "--prune_layers": lambda a: a.prune_layers > 0, "--query_heads": lambda a: a.query_heads,
-    "--skip_attention": lambda a: a.skip_attention, "--iterative_steps": lambda a: a.iterative_steps != 1,
-    "--global_pruning": lambda a: a.global_pruning, "--reconstruct_steps": lambda a: a.reconstruct_steps > 0,
-    "--offload_sequential": lambda a: a.offload_sequential,
-    "--offload_states_to_disk": lambda a: a.offload_states_to_disk,
-    "--save_gguf (the GGUF exporter writes dense LLaMA-family models)": lambda a: a.save_gguf,
-}
-
-
-def check_expert_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """``--prune_experts`` is a mode of its own: refuse a negative count and every width flag with it."""
-    if args.prune_experts < 0:
-        p.error(f"--prune_experts {args.prune_experts}: must be >= 1 (experts removed from every MoE layer)")
-    if not args.prune_experts:
-        return
-    given = [flag for flag, test in WIDTH_FLAGS.items() if test(args)]
-    if given:
-        p.error(f"--prune_experts {args.prune_experts} removes whole experts and nothing else; drop "
-                f"{', '.join(given)} (heads and channels of mixture-of-experts models are not pruned)")
 
 
 def add_offload_args(p: argparse.ArgumentParser) -> None:
@@ -158,39 +102,62 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                         "and keep whichever has the lower calibration loss (about 1.3-1.5x the time)")
 
 
-def check_offload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.max_memory is not None:
-        try:
-            parse_memory(args.max_memory)
-        except ValueError as err:
-            p.error(str(err))
-    if args.device_map is not None:
-        try:
-            parse_device_map(args.device_map)
-        except ValueError as err:
-            p.error(str(err))
-    if not args.offload:
-        for flag in ("offload_states_to_disk", "offload_sequential"):
-            if getattr(args, flag):
-                p.error(f"--{flag} needs --offload")
-        if args.max_memory is not None and args.device_map is None:
-            p.error(f"--max_memory {args.max_memory} needs --offload or --device_map")
-        return
-    unsupported = {"--device_map": args.device_map is not None, "--layer_wise": args.layer_wise,
-                   "--iterative_steps > 1": args.iterative_steps > 1, "--prune_layers": args.prune_layers > 0,
-                   "--test_before_train": args.test_before_train,
-                   "--save_gguf (run export.py on the saved folder)": args.save_gguf,
-                   "--query_heads (not built into the layer-streamed pass)": args.query_heads,
-                   "--obs_fisher (a backward pass through the whole model)": args.obs_fisher,
-                   f"--obs_allocation {args.obs_allocation} (use residual, normalized or output)":
-                       args.obs_allocation in ("kl", "fisher")}
-    bad = [k for k, v in unsupported.items() if v]
-    if args.offload_sequential and args.selection == "obs":
-        p.error("--offload_sequential with --selection obs: the guard keeps the better of the sequential and "
-                "the one-shot model, and OBS selection has no one-shot model; drop one of them")
-    if bad:
-        p.error(f"--offload cannot be combined with {', '.join(bad)} (the layer-streamed pass never holds the "
-                "whole model); drop them or prune without --offload")
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations of the flags given on the command line (abbreviations included): a recipe or a
+    configuration file sets every other one."""
+    unset = object()
+    seen = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != "help"})
+    parser.parse_known_args(argv, seen)  # argparse only fills defaults of attributes the namespace lacks
+    return {k for k, v in vars(seen).items() if v is not unset}
+
+
+def apply_sources(args: argparse.Namespace, explicit: set[str]) -> None:
+    """``--config FILE`` then ``--recipe NAME`` under the explicit flags, then ``PruneConfig.validate``: the
+    one place the pruning options are checked (``ValueError`` naming the flag). ``--recipe auto`` checks
+    every candidate recipe with the explicit flags now, and is resolved by ``prune_run``."""
+    from .config import PruneConfig
+    from .recipe import AUTO, auto_recipes, load_recipe
+    modes = ("block_wise", "channel_wise", "layer_wise")
+    mode_given = any(m in explicit for m in modes) or "prune_experts" in explicit
+
+    def overlay(values: dict) -> None:
+        for name, value in values.items():
+            if name in explicit or (name in modes and mode_given) or not hasattr(args, name):
+                continue
+            setattr(args, name, value)
+
+    if args.config:
+        overlay(PruneConfig.load(args.config).to_args())
+    if args.recipe == AUTO:
+        for recipe in auto_recipes():
+            trial = argparse.Namespace(**vars(args))
+            for name, value in recipe.flags().items():
+                if name not in explicit and not (name in modes and mode_given):
+                    setattr(trial, name, value)
+            PruneConfig.from_flat(vars(trial)).validate()
+        args.recipe_explicit = sorted(explicit)
+    elif args.recipe:
+        overlay(load_recipe(args.recipe).flags())
+    PruneConfig.from_flat(vars(args)).validate()
+    if args.target_params is not None:
+        args.target_params = parse_count(args.target_params)
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    """What the run does besides pruning, against the pruning options (the rest: ``PruneConfig.validate``)."""
+    if args.prune_experts and args.save_gguf:
+        raise ValueError(f"--prune_experts {args.prune_experts} removes whole experts and nothing else; drop "
+                         "--save_gguf (the GGUF exporter writes dense LLaMA-family models)")
+    if getattr(args, "recipe", None) == "auto" and (args.offload or args.prune_experts or args.layer_wise):
+        given = "--offload" if args.offload else "--prune_experts" if args.prune_experts else "--layer_wise"
+        raise ValueError(f"--recipe auto with {given}: auto prunes the model in memory once per width recipe; "
+                         "choose a recipe by name (--list_recipes)")
+    if args.offload:
+        bad = [flag for flag, given in (("--test_before_train", args.test_before_train),
+                                        ("--save_gguf (run export.py on the saved folder)", args.save_gguf)) if given]
+        if bad:
+            raise ValueError(f"--offload cannot be combined with {', '.join(bad)} (the layer-streamed pass never "
+                             "holds the whole model); drop them or prune without --offload")
 
 
 def needs_calibration(args: argparse.Namespace) -> bool:

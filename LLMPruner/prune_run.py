@@ -24,6 +24,7 @@ import torch
 
 from .adapters import get_adapter
 from .budget import budget_for_target, non_embedding_parameters
+from .config import PruneConfig, resolve_layer
 from .checkpoint import load_model, save_pruned
 from .data.calibration import calibration_examples
 from .evaluate.ppl import describe_ppl, evaluate_ppl
@@ -33,6 +34,7 @@ from .plan import PruningPlan
 from .prompts import REFERENCE_PROMPTS
 from .prune import check_layer_range, check_refit_tokens, check_round_to, prune, widest_input
 from .prune_args import needs_calibration
+from .recipe import AUTO
 from .run_folder import RunFolder
 from .shrink import count_parameters
 from .stream.pipeline import open_source, prune_offloaded
@@ -47,6 +49,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def run(args: argparse.Namespace) -> int:
     """hf_prune.py after its arguments are parsed and checked: load, check against the model, prune, save,
     evaluate."""
+    if args.recipe == AUTO:  # prune with each recipe, keep the one with the lowest held-out loss
+        args = resolve_auto(args)
     if args.offload and args.prune_experts:
         return main_experts_offload(args)
     if args.offload:
@@ -76,6 +80,40 @@ def run(args: argparse.Namespace) -> int:
             run.commit()
         evaluate_after(model, tokenizer, args, run.path, results)
     return 0
+
+
+def resolve_auto(args: argparse.Namespace) -> argparse.Namespace:
+    """``--recipe auto``: the arguments of the recipe whose pruned model has the lowest held-out loss, with
+    the table they were chosen from (``args.recipe_auto``), printed here and saved by ``prune_and_save``."""
+    from .recipe_auto import auto_table, choose_recipe
+
+    def prune_one(model, trial: argparse.Namespace) -> int:
+        get_adapter(model).check_width_pruning(model.config)
+        resolve_target(trial, model)
+        ranges = check_against_model(model.config, trial)
+        check_refit_tokens(trial.num_examples, trial.calibration_seq_len, widest_input(model), trial.compensation)
+        examples = calibration_examples(trial.calibration_data, load_tokenizer(trial), trial.num_examples,
+                                        trial.calibration_seq_len, trial.seed) if needs_calibration(trial) else None
+        set_seed(trial.seed)
+        prune_widths(model, trial, ranges, examples)
+        return count_parameters(model)
+
+    winner, rows = choose_recipe(args, prune_one)
+    print(auto_table(rows), flush=True)
+    winner.recipe_auto = rows
+    return winner
+
+
+def load_tokenizer(args: argparse.Namespace):
+    """The tokenizer of ``--base_model`` (loaded with a throwaway model only where the folder has no
+    tokenizer files of its own: GGUF, Meta layout)."""
+    from .checkpoint.load import has_tokenizer
+    path = Path(args.base_model)
+    if path.is_dir() and has_tokenizer(path):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(path)
+    return load_model(args.base_model, device="cpu", dtype="auto", allow_pickle=args.allow_pickle,
+                      text_only=args.text_only)[1]
 
 
 @contextmanager
@@ -123,6 +161,9 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", before, after, 100 * after / before)
     logger.info("structure:\n%s", structure.describe())
     (log_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plans]))
+    if getattr(args, "recipe_auto", None):
+        (log_dir / "recipe_auto.json").write_text(json.dumps(args.recipe_auto, indent=2))
+    results["recipe"] = args.recipe
 
     # 4. the pruned checkpoint, before any evaluation that could fail
     results["saved_model"] = bool(args.save_model)
@@ -212,16 +253,17 @@ def check_against_model(config, args) -> dict[str, range]:
     n_layers = config.num_hidden_layers
     ranges = {}
     explicit = any(v is not None for v in (args.block_attention_layer_end, args.block_mlp_layer_end))
+
+    def layers(kind: str) -> range:  # an end below 0 counts from the last layer, a start in (0, 1) is a fraction
+        start = resolve_layer(getattr(args, f"block_{kind}_layer_start"), n_layers, 0)
+        end = resolve_layer(getattr(args, f"block_{kind}_layer_end"), n_layers, n_layers - 1)
+        return check_layer_range(f"--block_{kind}_layer", start, end, n_layers)
+
     if args.block_wise and (args.param_budget is None or explicit):
-        ranges = {
-            "attention_layers": check_layer_range("--block_attention_layer", args.block_attention_layer_start,
-                                                  args.block_attention_layer_end or n_layers - 1, n_layers),
-            "mlp_layers": check_layer_range("--block_mlp_layer", args.block_mlp_layer_start,
-                                            args.block_mlp_layer_end or n_layers - 1, n_layers)}
+        ranges = {"attention_layers": layers("attention"), "mlp_layers": layers("mlp")}
     if args.skip_attention:
         ranges["attention_layers"] = range(0)
-        ranges.setdefault("mlp_layers", check_layer_range(
-            "--block_mlp_layer", args.block_mlp_layer_start, args.block_mlp_layer_end or n_layers - 1, n_layers))
+        ranges.setdefault("mlp_layers", layers("mlp"))
     if args.layer_wise and not 1 <= args.layer <= n_layers:
         raise ValueError(f"--layer {args.layer}: must be between 1 and {n_layers} (layers to keep)")
     if args.layer_wise and args.compensation != "none":
@@ -244,11 +286,21 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def run_config(args) -> PruneConfig:
+    """The configuration this run prunes with (a --target_params run keeps the target, not the budget it
+    became for this model)."""
+    flat = dict(vars(args))
+    if flat.get("target_params") is not None:
+        flat["param_budget"] = None
+    return PruneConfig.from_flat(flat)
+
+
 def start_log(args) -> tuple[RunFolder, logging.Handler]:
     run = RunFolder(Path(args.log_dir) / args.save_ckpt_log_name)
     log_dir = run.path
     (log_dir / "command.txt").write_text(" ".join([sys.executable] + sys.argv) + "\n")
-    (log_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
+    (log_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+    run_config(args).save(log_dir / "prune_config.json")  # what --config replays
     handler = logging.FileHandler(log_dir / "prune.log", mode="w")  # follows the folder when it moves
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)

@@ -143,7 +143,7 @@ def test_a_full_disk_says_so_with_status_1(tmp_path, stories):
     out.mkdir()
     (out / "results.json").symlink_to("/dev/full")  # every write there fails with ENOSPC
     status, _, err = run_cli("evaluate.py", ["--checkpoints", f"b={stories}", "--tasks", "", "--ppl",
-                                             "--no_stats", "--device", "cpu", "--output_dir", str(out)])
+                                             "--no_stats", "--device", "cpu", "--output_dir", str(out), "--overwrite"])
     one_line_error(status, err, 1, "no space left", "the disk is full", prog="evaluate.py")
 
 
@@ -160,7 +160,7 @@ def test_every_data_file_problem_is_named(tmp_path, stories):
         status, _, err = run_cli("post_training.py", ["--prune_model", stories, "--data_path", str(tmp_path / name),
                                                       "--output_dir", str(tmp_path / "o"), "--val_set_size", "0"])
         one_line_error(status, err, 2, f"--data_path '{tmp_path / name}'", why, prog="post_training.py")
-    expect = {"missing.json": "no such file or folder", "empty.json": "not valid JSON", "garbage.json": "not valid JSON",
+    expect = {"missing.json": "no such file or folder", "empty.json": "the file holds no text", "garbage.json": "not valid JSON",
               "schema.json": "no 'text' field"}
     for name, why in expect.items():
         status, _, err = run_cli("hf_prune.py", ["--base_model", stories, "--pruner_type", "taylor",

@@ -64,13 +64,18 @@ def test_layer_wise_needs_no_calibration_data_and_refuses_compensation():
      "--calibration_seq_len 100: longer than the model's max_position_embeddings 64"),
     (["--max_seq_len", "65", "--test_after_train"], "--max_seq_len 65: longer than the model's "
                                                      "max_position_embeddings 64"),
-    (["--layer_wise", "--layer", "2", "--compensation", "refit"], "does not apply to --layer_wise"),
 ])
 def test_flags_checked_against_the_model(flags, message, local_flags):
     args = hf_prune.parse_args(local_flags + ["--block_attention_layer_start", "0", "--block_mlp_layer_start", "0"]
                                + flags)
     with pytest.raises(ValueError, match=message):
         check_against_model(tiny_model().config, args)
+
+
+def test_a_combination_no_model_can_run_is_refused_while_parsing(local_flags):
+    from LLMPruner.cli import UsageError
+    with pytest.raises(UsageError, match="does not apply to --layer_wise"):  # PruneConfig.validate, before loading
+        hf_prune.parse_args(local_flags + ["--layer_wise", "--layer", "2", "--compensation", "refit"])
 
 
 def test_lengths_within_the_model_and_unused_lengths_pass(local_flags):
