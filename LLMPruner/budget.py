@@ -76,12 +76,38 @@ def choose_by_budget(model: nn.Module, families: list[Family], scores: dict[str,
     if criterion not in BUDGET_CRITERIA:
         raise ValueError(f"--budget_criterion {criterion!r}: choose one of {', '.join(BUDGET_CRITERIA)}")
     removed = _greedy(model, families, scores, budget, criterion)
+    spent = sum(len(removed[f.key]) * unit_cost(model, f) for f in families)
+    check_reachable(model, families, budget, spent)
     for _ in range(3 if bias_compensation else 0):  # the biases added depend on what is removed
         extra = added_bias_parameters(model, families, removed)
         removed = _greedy(model, families, scores, budget + extra, criterion)  # remove more: biases are added
     if round_to > 1:
         removed = _round(families, scores, removed, round_to)
     return {k: sorted(v) for k, v in removed.items()}
+
+
+class BudgetError(ValueError):
+    """A parameter budget the pruned units cannot meet; the message names the flags that limit it."""
+
+
+def check_reachable(model: nn.Module, families: list[Family], budget: int, spent: int | None = None) -> None:
+    """Raise ``BudgetError`` when ``budget`` parameters cannot be removed from ``families`` to within one unit
+    (each family keeps at least one unit; ``spent``: what a selection removed, default all it could)."""
+    costs = [unit_cost(model, f) for f in families]
+    capacity = sum((f.n_units - 1) * c for f, c in zip(families, costs))
+    spent = capacity if spent is None else spent
+    if budget - spent < max(costs, default=1):
+        return
+    kinds = sorted({f.kind for f in families})
+    layers = sorted({f.layer for f in families if f.layer is not None})
+    limits = ["the layer ranges (--block_attention_layer_start/_end, --block_mlp_layer_start/_end)"]
+    if "attention" not in kinds:
+        limits.append("--skip_attention (or an empty attention range)")
+    raise BudgetError(
+        f"--param_budget / --target_params: asks to remove {budget:,} parameters, but the units it may prune "
+        f"({', '.join(kinds) or 'none'} of layers {layers[0] if layers else '-'}..{layers[-1] if layers else '-'}, "
+        f"every family keeping at least one unit) give only {spent:,}; widen {' or drop '.join(limits)}, "
+        "or ask for less")
 
 
 def _greedy(model, families, scores, budget, criterion) -> dict[str, list[int]]:

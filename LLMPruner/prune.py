@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .activations import activation_channel_scores, collect_input_stats, consumers
 from .adapters import get_adapter
-from .budget import BudgetCriterion, choose_by_budget, non_embedding_parameters
+from .budget import BudgetCriterion, check_reachable, choose_by_budget, non_embedding_parameters
 from .compensate import Compensation, add_biases, compensate
 from .depth import LayerImportance, choose_layers
 from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
@@ -178,6 +178,16 @@ def check_round_to(model: nn.Module, round_to: int, mode: Mode = "block_wise", a
     if round_to > 1 and mode in ("block_wise", "channel_wise"):
         _check_round_to(_targets(discover(model).families, mode, attention_layers, mlp_layers, param_budget),
                         round_to)
+
+
+def check_budget(model: nn.Module, param_budget: float | None, mode: Mode = "block_wise",
+                 attention_layers: range | None = None, mlp_layers: range | None = None) -> None:
+    """``prune``'s refusal of a budget its units cannot meet, before any work (``budget.BudgetError``)."""
+    if param_budget is None or mode not in ("block_wise", "channel_wise"):
+        return
+    start = non_embedding_parameters(model)
+    check_reachable(model, _targets(discover(model).families, mode, attention_layers, mlp_layers, param_budget),
+                    int(param_budget * start))
 
 
 def _check_round_to(targets, round_to: int) -> None:

@@ -32,7 +32,7 @@ from .experts import check_expert_count, choose_experts, kept_experts, remove_ex
 from .export import check_gguf_exportable, export_gguf
 from .plan import PruningPlan
 from .prompts import REFERENCE_PROMPTS
-from .prune import check_layer_range, check_refit_tokens, check_round_to, prune, widest_input
+from .prune import check_budget, check_layer_range, check_refit_tokens, check_round_to, prune, widest_input
 from .prune_args import needs_calibration
 from .recipe import AUTO
 from .run_folder import RunFolder
@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.prune_experts and not args.layer_wise:  # and a --round_to wider than a pruned family
         check_round_to(model, args.round_to, "channel_wise" if args.channel_wise else "block_wise",
                        ranges.get("attention_layers"), ranges.get("mlp_layers"), args.param_budget)
+        if not args.prune_layers:  # and a budget the prunable units cannot meet (depth pruning comes first)
+            check_budget(model, args.param_budget, "channel_wise" if args.channel_wise else "block_wise",
+                         ranges.get("attention_layers"), ranges.get("mlp_layers"))
     # the run is written to a temporary sibling and moved into place whole (LLMPruner.run_folder)
     with run_folder(args) as run:
         results = prune_and_save(model, tokenizer, args, ranges, run.path)

@@ -107,6 +107,10 @@ def local_flags(tmp_path):
      "--compensation refit does not apply to --layer_wise"),
     (["--round_to", "256"], "--round_to 256: layer 1's attention has only 64 channels"),
     (["--pruner_type", "taylor", "--calibration_data", "EMPTY"], "the file holds no text"),
+    # a budget the ranges cannot give is refused, not silently under-delivered (5-layer model, MLP of 2 layers)
+    (["--param_budget", "0.4", "--skip_attention", "--block_mlp_layer_start", "2", "--block_mlp_layer_end", "4"],
+     "asks to remove 90,905 parameters, but the units it may prune (mlp of layers 2..3, every family keeping at "
+     "least one unit) give only 65,664; widen the layer ranges"),
 ])
 def test_cli_refuses_in_one_line_before_writing(tmp_path, flags, message):
     model = need_shared("models", "stories260K")

@@ -85,3 +85,20 @@ def test_cli_refuses_what_cannot_be_reached(tmp_path, extra, message):
                                              "--log_dir", str(tmp_path / "log")] + extra)
     assert status == 2 and message in err and "Traceback" not in err, err[-2000:]
     assert not (tmp_path / "log").exists() or not any((tmp_path / "log").iterdir())
+
+
+def test_a_budget_beyond_what_the_units_hold_is_refused_and_one_within_is_met_to_one_unit():
+    from LLMPruner.budget import BudgetError, unit_cost
+    from LLMPruner.graph import discover
+    from LLMPruner.prune import check_budget
+    model = tiny_model()  # 3 layers, MLP 48 channels: one channel costs 3 x 32 parameters
+    mlp = [f for f in discover(model).families if f.kind == "mlp" and f.layer in (1, 2)]
+    assert {unit_cost(model, f) for f in mlp} == {96}
+    capacity = 2 * 47 * 96  # every family keeps one channel
+    start = non_embedding_parameters(model)
+    check_budget(model, (capacity + 95) / start, "block_wise", range(0), range(1, 3))  # within one unit: met
+    with pytest.raises(BudgetError, match=f"asks to remove {capacity + 96:,} parameters.*give only {capacity:,}"):
+        check_budget(model, (capacity + 96.5) / start, "block_wise", range(0), range(1, 3))
+    n = count_parameters(model)
+    prune(model, pruner_type="l2", param_budget=0.05, attention_layers=range(0), mlp_layers=range(1, 3))
+    assert 0 <= int(0.05 * start) - (n - count_parameters(model)) < 96  # under by less than one unit
