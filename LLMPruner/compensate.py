@@ -14,9 +14,9 @@ For a linear layer ``y = W x`` whose input channels ``R`` are removed and ``K`` 
   it lowers that calibration error below plain slicing's (``refit_layer``). No new tensors: the
   architecture stays stock. Needs more calibration tokens than the widest refitted input (refused
   otherwise). **Recommended.**
-* ``refit_oneshot``: the same least squares from the dense model's Gram alone
-  (``W_K <- W G[:, K] (G_KK + lam I)^-1``), all layers at once: errors compound across layers
-  (kept for comparison).
+* ``refit_oneshot`` (not a user's choice: the layer-streamed pass's refit without ``--offload_sequential``,
+  and its in-memory reference in the tests): the same least squares from the dense model's Gram alone
+  (``W_K <- W G[:, K] (G_KK + lam I)^-1``), all layers at once: errors compound across layers.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from .plan import PruningPlan
 logger = logging.getLogger(__name__)
 
 Compensation = Literal["none", "bias", "refit", "refit_oneshot"]
-from .options import COMPENSATIONS  # noqa: E402,F401  (re-exported)
+from .options import COMPENSATIONS, ONESHOT_REFIT  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()
@@ -45,7 +45,7 @@ def compensate(model: nn.Module, plan: PruningPlan, stats: dict[str, InputStats]
     exist while the plan slices the other projections)."""
     if method in ("none", "refit", None):  # "refit" runs layer by layer (sequential.py)
         return {}
-    if method not in COMPENSATIONS:
+    if method not in COMPENSATIONS + (ONESHOT_REFIT,):
         raise ValueError(f"--compensation {method!r}: choose one of {', '.join(COMPENSATIONS)}")
     params = dict(model.named_parameters())
     deltas = {}

@@ -72,7 +72,6 @@ class Select:
     selection: str = "score"
     obs_damp: float = o.DAMP
     obs_allocation: str = "uniform"
-    obs_fisher: bool = False
 
 
 @dataclass
@@ -260,8 +259,6 @@ def _check_combinations(c: dict[str, Any]) -> None:
     o.check_reconstruction(c["reconstruct_steps"], c["reconstruct_lr"], c["compensation"])
     if c["obs_allocation"] != "uniform" and c["selection"] != "obs":
         raise ConfigError(f"--obs_allocation {c['obs_allocation']} needs --selection obs")
-    if c["obs_fisher"] and c["selection"] != "obs":
-        raise ConfigError("--obs_fisher needs --selection obs")
     if c["linalg_device"] != "cpu" and c["compensation"] != "refit":
         raise ConfigError(f"--linalg_device {c['linalg_device']}: only --compensation refit (its statistics, OBS "
                           f"selection and solves) runs float64 linear algebra there, not --compensation "
@@ -283,10 +280,7 @@ def _check_offload(c: dict[str, Any]) -> None:
         return
     unsupported = {"--device_map": c["device_map"] is not None, "--layer_wise": c["mode"] == "layer_wise",
                    "--iterative_steps > 1": c["iterative_steps"] > 1, "--prune_layers": c["prune_layers"] > 0,
-                   "--query_heads (not built into the layer-streamed pass)": c["query_heads"],
-                   "--obs_fisher (a backward pass through the whole model)": c["obs_fisher"],
-                   f"--obs_allocation {c['obs_allocation']} (use residual, normalized or output)":
-                       c["obs_allocation"] in ("kl", "fisher")}
+                   "--query_heads (not built into the layer-streamed pass)": c["query_heads"]}
     if c["offload_sequential"] and c["selection"] == "obs":
         raise ConfigError("--offload_sequential with --selection obs: the guard keeps the better of the sequential "
                           "and the one-shot model, and OBS selection has no one-shot model; drop one of them")

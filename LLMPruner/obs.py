@@ -53,18 +53,17 @@ def damped_inverse(gram: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor
 
 
 def unit_errors(w: torch.Tensor, hinv: torch.Tensor, columns: torch.Tensor, lam: float,
-                alive: torch.Tensor | None = None, fisher: torch.Tensor | None = None) -> torch.Tensor:
+                alive: torch.Tensor | None = None) -> torch.Tensor:
     """``E_B - lam ||W_B||^2`` for every unit (rows of ``columns``, ``[units, k]``): ``[units]``; units not
-    ``alive`` (already removed) get ``inf``. With ``fisher`` (``F``, ``[out, out]``) the output error is
-    weighted: ``||v||^2`` becomes ``v^T F v``."""
-    wf = w if fisher is None else fisher.double() @ w
+    ``alive`` (already removed) get ``inf``."""
+    wf = w
     if alive is not None and columns.shape[1] == 1:   # one column per unit: no copies (removed: 0 / 0)
         sq = (w * wf).sum(0)[columns[:, 0]]
         err = sq / hinv.diagonal()[columns[:, 0]] - lam * sq
         return torch.where(alive, err, torch.full_like(err, float("inf")))
     if alive is not None:
         out = torch.full((columns.shape[0],), float("inf"), dtype=w.dtype, device=w.device)
-        out[alive] = unit_errors(w, hinv, columns[alive], lam, fisher=fisher)
+        out[alive] = unit_errors(w, hinv, columns[alive], lam)
         return out
     wb, wbf = w[:, columns], wf[:, columns]                                 # [out, U, k]
     hbb = hinv[columns[:, :, None], columns[:, None, :]]                    # [U, k, k]
@@ -93,32 +92,28 @@ def remove_unit(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor) -> None
 
 
 def obs_select(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, n_remove: int,
-               damp: float = DAMP, prior: torch.Tensor | None = None, prior_weight: float = 0.0,
-               fisher: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, list[float]]:
+               damp: float = DAMP, prior: torch.Tensor | None = None, prior_weight: float = 0.0
+               ) -> tuple[list[int], torch.Tensor, list[float]]:
     """Greedy structured OBS on one consumer.
 
     ``w``: ``[out, in]``; ``gram``: ``X^T X`` of its inputs (``[in, in]``); ``columns``: ``[units, k]`` the
     input columns of each unit; ``n_remove`` units go. With ``prior`` (another per-unit score, e.g.
     Taylor's) the ranking is ``E / mean(E) + prior_weight * prior / mean(prior)`` over the units left.
-    With ``fisher`` (``F = sum_t g_t g_t^T`` of the loss gradient at the consumer's output) the error is
-    ``tr(F dW H dW^T)`` (K-FAC, as the LLM Surgeon): the optimal update is the same, the error of a unit
-    becomes ``W_B^T F W_B``-weighted, an estimate of the loss change comparable across layers.
     Returns (removed units in removal order, the updated ``w`` (float64, removed columns zero), the
-    error of each removal). Computed on ``w``'s device (``gram``, ``prior``, ``fisher`` go there)."""
+    error of each removal). Computed on ``w``'s device (``gram`` and ``prior`` go there)."""
     if not 0 <= n_remove < columns.shape[0]:
         raise ValueError(f"obs_select: n_remove {n_remove} must be in [0, {columns.shape[0]})")
     device = w.device
     gram, columns = gram.to(device), columns.to(device)
     prior = None if prior is None else prior.to(device)
-    fisher = None if fisher is None else fisher.to(device)
     if columns.shape[1] == 1:
-        return _greedy_columns(w, gram, columns[:, 0], n_remove, damp, prior, prior_weight, fisher)
+        return _greedy_columns(w, gram, columns[:, 0], n_remove, damp, prior, prior_weight)
     w = w.detach().double().clone()
     hinv, lam = damped_inverse(gram, damp)
     alive = torch.ones(columns.shape[0], dtype=torch.bool, device=device)
     removed, errors = [], []
     for _ in range(n_remove):
-        err = unit_errors(w, hinv, columns, lam, alive, fisher).clamp_min(0.0)
+        err = unit_errors(w, hinv, columns, lam, alive).clamp_min(0.0)
         rank = err
         if prior is not None and prior_weight:
             e, p = err[alive], prior.double()[alive]
@@ -134,21 +129,18 @@ def obs_select(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, n_rem
 
 @torch.no_grad()
 def _greedy_columns(w: torch.Tensor, gram: torch.Tensor, cols: torch.Tensor, n_remove: int, damp: float,
-                    prior: torch.Tensor | None = None, prior_weight: float = 0.0,
-                    fisher: torch.Tensor | None = None) -> tuple[list[int], torch.Tensor, list[float]]:
+                    prior: torch.Tensor | None = None, prior_weight: float = 0.0
+                    ) -> tuple[list[int], torch.Tensor, list[float]]:
     """``obs_select`` for one column per unit, with the updates kept low-rank: after ``t`` removals
     ``H^-1 = H0^-1 - U U^T`` and ``W = W0 - A U^T``, ``u = H^-1[:, j] / sqrt(H^-1_jj)``,
     ``a = W[:, j] / sqrt(H^-1_jj)``. Column norms and ``diag H^-1`` are updated in ``O(in * t)`` per
-    removal instead of two dense rank-1 updates (same greedy choices, float64). Without ``fisher`` the
-    output metric is the identity and is not built (an ``[out, out]`` product per removal saved: 8,192^2
-    for a 70B ``down_proj``)."""
+    removal instead of two dense rank-1 updates (same greedy choices, float64)."""
     w0 = w.detach().double()
     hinv0, lam = damped_inverse(gram, damp)
     d, dev = w0.shape[1], w0.device
     U = torch.zeros(d, n_remove, dtype=torch.float64, device=dev)
     A = torch.zeros(w0.shape[0], n_remove, dtype=torch.float64, device=dev)
-    f = None if fisher is None else fisher.double()
-    norm0 = (w0 * (w0 if f is None else f @ w0)).sum(0)
+    norm0 = (w0 * w0).sum(0)
     cross = torch.zeros(d, dtype=torch.float64, device=dev)   # sum_i (W0^T a_i) * u_i
     quad = torch.zeros(d, dtype=torch.float64, device=dev)    # U_j (A^T A) U_j^T
     diag = hinv0.diagonal().clone()
@@ -170,7 +162,7 @@ def _greedy_columns(w: torch.Tensor, gram: torch.Tensor, cols: torch.Tensor, n_r
         w_col = w0[:, j] - A[:, :t] @ U[j, :t]
         scale = h_col[j].clamp_min(1e-300).rsqrt()
         u, a = h_col * scale, w_col * scale
-        fa = a if f is None else f @ a
+        fa = a
         q = A[:, :t].T @ fa
         quad += 2.0 * (U[:, :t] @ q) * u + (a @ fa) * u * u
         cross += (w0.T @ fa) * u
@@ -192,8 +184,7 @@ def consumer_columns(fam: Family, consumer: str) -> torch.Tensor:
 
 
 def obs_reselect(damp: float = DAMP, priors: dict[str, torch.Tensor] | None = None,
-                 prior_weight: float = 0.0, fisher: dict[str, torch.Tensor] | None = None,
-                 device: str | torch.device | None = None) -> Callable:
+                 prior_weight: float = 0.0, device: str | torch.device | None = None) -> Callable:
     """The ``reselect`` hook of ``sequential_prune``: per family of the consumer, the same number of units
     as ``chosen``, by greedy structured OBS on the pruned model's inputs (``stats.gram``). At most one
     family per consumer may lose units (a layer loses KV groups or query heads, never both). ``device``:
@@ -215,8 +206,7 @@ def obs_reselect(damp: float = DAMP, priors: dict[str, torch.Tensor] | None = No
                 continue
             cols = consumer_columns(fam, consumer)
             prior = priors.get(fam.key) if priors else None
-            f = fisher.get(consumer) if fisher else None
-            units, _, errors = obs_select(w, gram, cols, n, damp, prior, prior_weight, f)
+            units, _, errors = obs_select(w, gram, cols, n, damp, prior, prior_weight)
             out[fam.key] = sorted(units)
             logger.info("%s: OBS removes %d units, reconstruction error %.4g (first %.3g, last %.3g)",
                         fam.key, n, sum(errors), errors[0], errors[-1])

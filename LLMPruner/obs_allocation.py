@@ -5,15 +5,10 @@ OBS (``obs.obs_select``) removes up to ``max_fraction`` of its units and records
 removal. Errors of different layers are made comparable by dividing by a per-layer scale:
 
 * ``residual``: the layer's output hidden states' ``sum ||h||^2`` on the same tokens (the next layers see
-  the residual stream through RMSNorm, so what matters is the error relative to it);
-* ``normalized``: none (scale 1), but every token's error is divided by its own ``||h_t||^2 / d`` (the
-  layer's output hidden state's mean square): the error the next layer's RMSNorm passes on, so tokens
-  with huge residual norms (attention sinks) do not dominate (``normalized_grams``);
-* ``output``: the consumer's own output ``sum ||W x||^2`` (the relative reconstruction error);
-* ``fisher``: none (scale 1): the errors are Fisher-weighted (``obs_fisher.py``), estimates of the loss
-  change, comparable as they are;
-* ``kl``: no proxy: each layer's damage is measured, the KL divergence from the dense model with that
-  layer alone pruned at several levels (``obs_measured.py``).
+  the residual stream through RMSNorm, so what matters is the error relative to it).
+
+(The other scales tried — per-token normalised, the consumer's output, Fisher-weighted, and the measured
+KL of each layer — lost to ``residual`` on SmolLM2 and were dropped: docs/tried_and_dropped.md.)
 
 Then the total number of units that the budget removes is spent where the scaled marginal error is
 smallest (one unit at a time, the next cheapest removal of any family). All families must have the
@@ -39,17 +34,15 @@ from .sequential import layer_inputs
 
 logger = logging.getLogger(__name__)
 
-Allocation = Literal["uniform", "residual", "normalized", "output", "fisher", "kl"]
+Allocation = Literal["uniform", "residual"]
 from .options import ALLOCATIONS  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()
 def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Tensor, batch_size: int,
-                normalized: bool = False, device: str | torch.device | None = None
-                ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
+                device: str | torch.device | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
     """Per decoder layer that owns consumers, in order: ``(layer, {consumer: dense input Gram}, sum_t
-    ||h_t||^2 of the layer's output)``, the Grams float64 on ``device`` (default: the host). ``normalized``: each token's
-    ``x_t x_t^T`` divided by ``ms(h_t)``, the mean square of the layer's output hidden state there.
+    ||h_t||^2 of the layer's output)``, the Grams float64 on ``device`` (default: the host).
 
     The dense stream runs layer by layer from the first layer's inputs (``sequential.layer_inputs``),
     so only one layer's Grams exist at a time: one full forward with hooks on every consumer would hold
@@ -63,12 +56,12 @@ def layer_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Te
     def forward(layer: nn.Module, b: int, h: torch.Tensor) -> torch.Tensor:
         y = layer(h, **kwargs_of[b])
         return y[0] if isinstance(y, tuple) else y
-    yield from stream_grams(layers, cons, hidden, forward, normalized, device=device)
+    yield from stream_grams(layers, cons, hidden, forward, device=device)
 
 
 @torch.no_grad()
 def stream_grams(layers: nn.ModuleList, cons: dict[str, nn.Linear], hidden: list[torch.Tensor],
-                 forward: Callable[[nn.Module, int, torch.Tensor], torch.Tensor], normalized: bool = False,
+                 forward: Callable[[nn.Module, int, torch.Tensor], torch.Tensor],
                  enter: Callable[[int], None] | None = None, leave: Callable[[int], None] | None = None,
                  device: str | torch.device | None = None) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
     """``layer_grams`` on a given dense stream: ``hidden`` (one tensor per batch, the first layer's
@@ -96,10 +89,9 @@ def stream_grams(layers: nn.ModuleList, cons: dict[str, nn.Linear], hidden: list
                 if not mine:
                     continue
                 energy += float(y.double().pow(2).sum())
-                w = y.double().pow(2).mean(-1).clamp_min(1e-12).rsqrt()[..., None] if normalized else None
                 for name in mine:
                     x = seen.pop(name).double()
-                    x = (x if w is None else x * w).reshape(-1, x.shape[-1])
+                    x = x.reshape(-1, x.shape[-1])
                     grams[name] = grams.get(name, 0) + (x.T @ x).to(where)
         finally:
             for handle in handles:
@@ -123,13 +115,6 @@ def _owner(layers: nn.ModuleList, module: nn.Module, name: str) -> int:
     raise ValueError(f"OBS allocation: {name} is not inside a decoder layer")
 
 
-def normalized_grams(model: nn.Module, cons: dict[str, nn.Linear], examples: torch.Tensor,
-                     batch_size: int) -> dict[str, torch.Tensor]:
-    """``{consumer: sum_t x_t x_t^T / ms(h_t)}`` for every consumer at once (``layer_grams``)."""
-    return {name: g for _, grams, _ in layer_grams(model, cons, examples, batch_size, normalized=True)
-            for name, g in grams.items()}
-
-
 def allocate(curves: dict[str, list[float]], scale: dict[str, float], total: int) -> dict[str, int]:
     """Spend ``total`` removals on the families' error curves (``curves[key][k]``: the error of the
     ``k+1``-th removal), cheapest scaled marginal error first."""
@@ -151,22 +136,20 @@ def allocate(curves: dict[str, list[float]], scale: dict[str, float], total: int
 @torch.no_grad()
 def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                examples: torch.Tensor, how: Allocation, damp: float = DAMP, batch_size: int = 8,
-               max_fraction: float | None = None, fisher: dict[str, torch.Tensor] | None = None,
-               grams_of: Callable[[bool], Iterator[tuple[int, dict[str, torch.Tensor], float]]] | None = None,
+               max_fraction: float | None = None,
+               grams_of: Callable[[], Iterator[tuple[int, dict[str, torch.Tensor], float]]] | None = None,
                device: str | torch.device | None = None) -> dict[str, list[int]]:
     """Redistribute the units of ``removed`` (``{family: units}``) across ``families`` by scaled OBS
     error; returns ``{family: placeholder units}`` whose *counts* the sequential OBS pass uses. A family
     loses at most ``max_fraction`` of its units (default: 0.6, or the mean fraction removed + 0.15 if
-    that is larger). ``grams_of(normalized)``: the dense statistics as ``layer_grams`` yields them, from
+    that is larger). ``grams_of()``: the dense statistics as ``layer_grams`` yields them, from
     another stream (the layer-streamed pass's ``stream_grams``: each layer's consumer weights are read
-    while its tuple is current; not with ``kl``/``fisher``, which need the loaded model); by default
+    while its tuple is current); by default
     ``layer_grams`` on ``model``. ``device``: where the float64 curves are computed (default: the host;
     ``grams_of`` must then yield its Grams there)."""
     where = linalg_place(device)
     if how == "uniform":
         return removed
-    if how == "fisher" and fisher is None:
-        raise ValueError("OBS allocation 'fisher' needs the Fisher factors (obs_fisher.output_fisher)")
     if how not in ALLOCATIONS:
         raise ValueError(f"--obs_allocation {how!r}: choose one of {', '.join(ALLOCATIONS)}")
     costs = {unit_cost(model, f) for f in families}
@@ -176,28 +159,18 @@ def obs_counts(model: nn.Module, families: list[Family], removed: dict[str, list
     total = sum(len(v) for v in removed.values())
     if max_fraction is None:
         max_fraction = max(0.6, total / sum(f.n_units for f in families) + 0.15)
-    if how == "kl":
-        from .obs_measured import measured_curves  # imports the streamed-states helpers
-        curves = measured_curves(model, families, examples, damp, batch_size, max_fraction)
-        counts = allocate(curves, {k: 1.0 for k in curves}, total)
-        logger.info("OBS allocation (kl): %s", counts)
-        return {k: list(range(n)) for k, n in counts.items()}
     cons = consumers(model, families)
     consumer_of = consumer_names(families, cons)
     curves, scale = {}, {}
-    normalized = how == "normalized"
-    grams = grams_of(normalized) if grams_of is not None else \
-        layer_grams(model, cons, examples, batch_size, normalized=normalized, device=where)
+    grams = grams_of() if grams_of is not None else layer_grams(model, cons, examples, batch_size, device=where)
     for _, layer_g, energy in grams:
         for fam in families:  # this layer's families, while its Grams exist
             name = consumer_of[fam.key]
             if name in layer_g:
                 w = model.get_parameter(name).detach().double().to(where)
                 n = min(fam.n_units - 1, int(max_fraction * fam.n_units))
-                f = fisher.get(name) if fisher else None
-                _, _, curves[fam.key] = obs_select(w, layer_g[name], consumer_columns(fam, name), n, damp, fisher=f)
-                scale[fam.key] = (energy if how == "residual" else 1.0 if how in ("fisher", "normalized")
-                                  else float(((w @ layer_g[name]) * w).sum()))
+                _, _, curves[fam.key] = obs_select(w, layer_g[name], consumer_columns(fam, name), n, damp)
+                scale[fam.key] = energy
         del layer_g                               # before the next layer's are accumulated
     curves = {f.key: curves[f.key] for f in families}
     counts = allocate(curves, scale, total)

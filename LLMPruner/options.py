@@ -22,9 +22,12 @@ ROUNDINGS = ("reference", "nearest")
 BUDGET_CRITERIA = ("uniform", "per_param", "zscore")
 SELECTIONS = ("score", "obs")
 DAMP = 0.01  # lam = DAMP * mean diag(X^T X): SparseGPT's / SlimGPT's default relative dampening
-ALLOCATIONS = ("uniform", "residual", "normalized", "output", "fisher", "kl")
+ALLOCATIONS = ("uniform", "residual")
 # --- compensate (compensate.py, reconstruct.py) ---
-COMPENSATIONS = ("none", "bias", "refit", "refit_oneshot")
+COMPENSATIONS = ("none", "bias", "refit")
+#: the one-shot refit from the dense model's statistics: not a user's choice (it lost to the sequential
+#: refit everywhere, docs/tried_and_dropped.md), the layer-streamed pass's refit without --offload_sequential
+ONESHOT_REFIT = "refit_oneshot"
 #: Adam's learning rate of --reconstruct_steps, measured on SmolLM2 (40 WikiText-2 windows: 1e-4 77.33,
 #: 3e-4 76.27, 1e-3 76.96; docs/smollm2.md)
 RECONSTRUCT_LR = 3e-4

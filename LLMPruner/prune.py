@@ -30,7 +30,6 @@ from .graph import Family, discover
 from .heads import head_family, rank_family
 from .obs import DAMP, Selection, check_selection, obs_reselect
 from .obs_allocation import Allocation, obs_counts
-from .obs_fisher import output_fisher
 from .options import ACTIVATION_PRUNERS, ALL_PRUNERS  # noqa: F401  (re-exported)
 from .plan import PruningPlan
 from .reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
@@ -67,9 +66,9 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
           layer_importance: LayerImportance = "block_influence", calibration_batch_size: int = 8,
           ridge: float | None = None, unit_rounding: Rounding = "reference", query_heads: bool = False,
           budget_criterion: BudgetCriterion = "uniform",
-          refit_target: Literal["dense", "pruned", "residual"] = "pruned", selection: Selection = "score",
+          selection: Selection = "score",
           obs_damp: float = DAMP, obs_prior_weight: float = 0.0,
-          obs_allocation: Allocation = "uniform", obs_fisher: bool = False,
+          obs_allocation: Allocation = "uniform",
           obs_max_fraction: float | None = None, reconstruct_steps: int = 0,
           reconstruct_lr: float = RECONSTRUCT_LR,
           linalg_device: str | torch.device | None = None) -> PruneResult:
@@ -128,17 +127,13 @@ def prune(model: nn.Module, *, mode: Mode = "block_wise", pruning_ratio: float =
         if compensation == "refit":
             reselect = pruner_type if pruner_type in ACTIVATION_PRUNERS else None
             if selection == "obs":
-                fisher = None
-                if obs_fisher or obs_allocation == "fisher":
-                    fisher = output_fisher(model, list(consumers(model, targets)), examples, calibration_batch_size)
                 reselect = obs_reselect(obs_damp, scores if obs_prior_weight else None, obs_prior_weight,
-                                        fisher if obs_fisher else None, device=linalg_device)
+                                        device=linalg_device)
                 removed = obs_counts(model, targets, removed, examples, obs_allocation, obs_damp,
-                                     calibration_batch_size, max_fraction=obs_max_fraction, fisher=fisher,
-                                     device=linalg_device)
+                                     calibration_batch_size, max_fraction=obs_max_fraction, device=linalg_device)
             plan = sequential_prune(model, targets, removed, examples, ridge=ridge,
                                     batch_size=calibration_batch_size, reselect=reselect,
-                                    grouping=grouping_strategy, target=refit_target,
+                                    grouping=grouping_strategy,
                                     reconstruct=Reconstruction(reconstruct_steps, reconstruct_lr, seed=seed),
                                     linalg_device=linalg_device)
             # (already applied layer by layer: the plan records the kept indices and units)

@@ -22,7 +22,7 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--compensation", default="none", choices=COMPENSATIONS,
                    help="correct o_proj/down_proj for removed inputs: refit (least squares layer by layer on "
                         "the pruned model's inputs, stock architecture, recommended; needs >= 2x the input "
-                        "width in calibration tokens), refit_oneshot (from dense statistics) or bias (FLAP)")
+                        "width in calibration tokens) or bias (FLAP)")
     b.add_argument("--selection", default="score", choices=SELECTIONS,
                    help="which units go: score (the lowest --pruner_type scores) or obs (structured Optimal "
                         "Brain Surgeon on the pruned model's inputs, layer by layer, LLMPruner/obs.py; the "
@@ -31,15 +31,9 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
                    help="--selection obs: damping of X^T X, relative to its mean diagonal")
     b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
                    help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
-                        "where the OBS error relative to the layer's residual stream (residual), per token to "
-                        "its RMS (normalized) or to the "
-                        "consumer's output (output) is smallest, by the Fisher-weighted errors (fisher: "
-                        "estimated loss changes; LLMPruner/obs_allocation.py) or by the measured KL of "
-                        "pruning each layer alone (kl: LLMPruner/obs_measured.py); residual is the best "
-                        "measured on SmolLM2 at -12 %% and -20 %%")
-    b.add_argument("--obs_fisher", action="store_true",
-                   help="--selection obs: weight the output error by the loss gradient's outer products at "
-                        "the consumer's output (K-FAC, one backward pass; LLMPruner/obs_fisher.py)")
+                        "where the OBS error relative to the layer's residual stream is smallest (residual, "
+                        "LLMPruner/obs_allocation.py: the best measured on SmolLM2 at -12 %% and -20 %%; "
+                        "uniform at -29 %%)")
     b.add_argument("--query_heads", action="store_true",
                    help="also prune query heads inside each KV group (the same count per group); with "
                         "--pruning_ratio they replace whole KV groups")
@@ -65,7 +59,7 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
                         "33 GB at 28,672)")
     b.add_argument("--ridge", type=float, default=None,
                    help="ridge of the refit, relative to the mean Gram diagonal (default: refit chooses it per "
-                        "layer on held-out calibration tokens; refit_oneshot uses 1e-3)")
+                        "layer on held-out calibration tokens)")
     b.add_argument("--prune_layers", type=int, default=0, help="remove this many whole decoder layers first")
     b.add_argument("--layer_importance", default="block_influence", choices=LAYER_IMPORTANCES,
                    help="how --prune_layers chooses layers")

@@ -202,7 +202,7 @@ def prune_widths(model, args, ranges: dict, examples) -> tuple[list[PruningPlan]
                    layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
                    query_heads=args.query_heads, budget_criterion=args.budget_criterion,
                    unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
-                   obs_allocation=args.obs_allocation, obs_fisher=args.obs_fisher,
+                   obs_allocation=args.obs_allocation,
                    reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
                    linalg_device=args.linalg_device, **ranges)
     return result.plans, result.structure

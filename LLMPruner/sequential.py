@@ -79,54 +79,43 @@ def _out(y):
 
 
 @torch.no_grad()
-def cross_stats(forward: Forward, dense_layer: nn.Module | None, layer: nn.Module, rel: str,
-                dense_h: Sequence[torch.Tensor], pruned_h: Sequence[torch.Tensor],
-                target: str = "pruned", device: str | torch.device | None = None) -> tuple[CrossStats, CrossStats]:
-    """Run the streams through layer ``L`` and accumulate the statistics of consumer ``rel``'s input:
-    (fit, check) from alternate tokens (odd/even positions of every sample: both halves see every text).
-    ``target="pruned"`` needs no dense stream (``dense_layer`` may be None). ``target="residual"`` (for
-    the layer's last consumer, whose output is added to the layer's output) fits ``W x~`` plus the
-    difference of the layer's outputs, dense stream through the dense layer minus pruned stream through
-    ``layer`` as it is now: the residual stream's accumulated error, which the refit then cancels where
-    it can. The statistics are kept on ``device`` (default: the host; ``--linalg_device``)."""
+def cross_stats(forward: Forward, layer: nn.Module, rel: str, pruned_h: Sequence[torch.Tensor],
+                device: str | torch.device | None = None) -> tuple[CrossStats, CrossStats]:
+    """Run the pruned stream through layer ``L`` and accumulate the statistics of consumer ``rel``'s input
+    (the refit fits ``V x~_K`` to ``W x~``, SparseGPT's layer-wise objective): (fit, check) from alternate
+    tokens (odd/even positions of every sample: both halves see every text). The statistics are kept on
+    ``device`` (default: the host; ``--linalg_device``). (Targets toward the dense outputs or the residual
+    stream's error lost on SmolLM2 and stories260K: docs/tried_and_dropped.md.)"""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [layer.get_submodule(rel).register_forward_pre_hook(lambda m, a: seen.__setitem__("xp", a[0]))]
-    if target == "dense":
-        hooks.append(dense_layer.get_submodule(rel).register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])))
+    hook = layer.get_submodule(rel).register_forward_pre_hook(lambda m, a: seen.__setitem__("xp", a[0]))
     fit = check = None
     try:
         for b, hp in enumerate(pruned_h):
-            yd = forward(dense_layer, b, dense_h[b]) if target != "pruned" else None
-            yp = forward(layer, b, hp)
+            forward(layer, b, hp)
             xp = seen["xp"].float()                                      # [B, T, in]
-            x = seen["x"].float() if target == "dense" else None         # None: x = x~ (no second Gram)
-            e = (yd - yp).float() if target == "residual" else None      # [B, T, hidden]
             d = xp.shape[-1]
             if fit is None:
-                fit, check = (CrossStats.empty(d, dense=x is not None, device=device) for _ in range(2))
+                fit, check = (CrossStats.empty(d, dense=False, device=device) for _ in range(2))
             for stats, half in ((fit, slice(0, None, 2)), (check, slice(1, None, 2))):
-                stats.add(None if x is None else x[:, half].reshape(-1, d), xp[:, half].reshape(-1, d),
-                          None if e is None else e[:, half].reshape(-1, e.shape[-1]))
+                stats.add(None, xp[:, half].reshape(-1, d), None)
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
     return fit, check
 
 
-def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.Module | None, fams: list[Family],
-                           removed: dict[str, list[int]], forward: Forward, dense_h, pruned_h, layer_prefix: str, *,
+def refit_sequential_layer(model: nn.Module, layer: nn.Module, fams: list[Family], removed: dict[str, list[int]],
+                           forward: Forward, pruned_h, layer_prefix: str, *,
                            ridge: float | None = None, reselect: str | Reselect | None = None, grouping: str = "sum",
-                           target: str = "pruned", linalg_device: str | torch.device | None = None) -> PruningPlan:
+                           linalg_device: str | torch.device | None = None) -> PruningPlan:
     """Layer ``L`` (``layer``, the model's own module, dense on entry) refit and sliced in place, consumer
     by consumer, on the pruned stream ``pruned_h``; returns the layer's plan (its kept indices and the
     units removed, re-chosen when ``reselect`` names an activation metric). ``linalg_device``: where the
     statistics and the refit's float64 solves live (default: the host)."""
     out = PruningPlan()
     groups = _by_consumer(model, fams, layer_prefix)
-    for i, (consumer, group) in enumerate(groups):
+    for consumer, group in groups:
         rel = consumer[len(layer_prefix):].rpartition(".")[0]
-        kind = target if target != "residual" or (i == len(groups) - 1 and _is_last(layer, rel)) else "pruned"
-        fit, check = cross_stats(forward, dense_layer, layer, rel, dense_h, pruned_h, kind, linalg_device)
+        fit, check = cross_stats(forward, layer, rel, pruned_h, linalg_device)
         chosen = {f.key: removed.get(f.key, []) for f in group}
         if callable(reselect):  # e.g. obs.obs_reselect(): (model, group, chosen, consumer, stats)
             chosen = reselect(model, group, chosen, consumer, fit.merged(check))
@@ -142,7 +131,7 @@ def refit_sequential_layer(model: nn.Module, layer: nn.Module, dense_layer: nn.M
 def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str, list[int]],
                      examples: torch.Tensor, *, ridge: float | None = None, batch_size: int = 8,
                      reselect: str | Reselect | None = None, grouping: str = "sum",
-                     target: str = "pruned", reconstruct: Reconstruction | None = None,
+                     reconstruct: Reconstruction | None = None,
                      linalg_device: str | torch.device | None = None) -> PruningPlan:
     """Apply ``removed`` (``{family key: units}``) layer by layer with refitted consumers; returns the plan
     applied: each sliced parameter's kept indices (in the dense model's shapes, so ``apply_plan`` replays
@@ -150,10 +139,7 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
     in each family from the pruned model's own input statistics; a callable ``reselect(model, group,
     chosen, consumer, stats)`` does the same its own way, e.g. ``obs.obs_reselect()``). Families must be
     per-layer.
-    ``target="pruned"`` (default, better measured on stories260K: 8.74 vs 9.28 PPL at a 20 % budget) fits
-    ``V x~_K`` to ``W x~`` (SparseGPT's layer-wise objective); ``"dense"`` to the dense model's ``W x``
-    (tries to correct upstream error too); ``"residual"`` (the layer's last consumer, e.g. ``down_proj``)
-    to ``W x~`` plus the residual stream's error so far (``cross_stats``). ``reconstruct`` (steps > 0) then
+    The refit fits ``V x~_K`` to ``W x~`` (SparseGPT's layer-wise objective). ``reconstruct`` (steps > 0) then
     takes gradient steps on each pruned layer's MLP toward the dense MLP on the same inputs
     (``reconstruct.py``). ``linalg_device``: where the refit's float64 statistics and solves run (default:
     the host; ``obs_reselect(device=)`` for OBS's)."""
@@ -169,27 +155,23 @@ def sequential_prune(model: nn.Module, families: list[Family], removed: dict[str
     def forward(layer, b, h):
         return _out(layer(h, **batches[b][1]))
 
-    dense_h = [h for h, _ in batches]
-    pruned_h = list(dense_h)
+    pruned_h = [h for h, _ in batches]  # the pruned model's own stream: each layer refits on what it receives
     final = PruningPlan()
-    diverged = False  # the streams are the same tensors until the first pruned layer
+    steps = reconstruct is not None and reconstruct.steps > 0
     for li, layer in enumerate(layers):
         fams = by_layer.get(li, [])
-        dense_layer = layer
         if any(removed.get(f.key) for f in fams):
-            dense_layer, diverged = copy.deepcopy(layer), True
-            plan = refit_sequential_layer(model, layer, dense_layer, fams, removed, forward, dense_h, pruned_h,
-                                          prefix + f"{li}.", ridge=ridge, reselect=reselect, grouping=grouping,
-                                          target=target, linalg_device=linalg_device)
+            dense_layer = copy.deepcopy(layer) if steps else None  # the reconstruction's target
+            plan = refit_sequential_layer(model, layer, fams, removed, forward, pruned_h, prefix + f"{li}.",
+                                          ridge=ridge, reselect=reselect, grouping=grouping,
+                                          linalg_device=linalg_device)
             final.keep.update(plan.keep)
             final.removed_units.update(plan.removed_units)
-            if reconstruct is not None and reconstruct.steps:
+            if steps:
                 reconstruct_mlps(model, layer, dense_layer, fams, removed, prefix + f"{li}.", forward, pruned_h,
                                  reconstruct)
         with torch.no_grad():
-            new_dense = [forward(dense_layer, b, h) for b, h in enumerate(dense_h)]
-            pruned_h = [forward(layer, b, h) for b, h in enumerate(pruned_h)] if diverged else new_dense
-            dense_h = new_dense
+            pruned_h = [forward(layer, b, h) for b, h in enumerate(pruned_h)]
     return final
 
 
@@ -220,11 +202,6 @@ def reconstruct_mlps(model: nn.Module, layer: nn.Module, dense_layer: nn.Module,
             rel = consumer[len(layer_prefix):].rpartition(".")[0]
             reconstruct_layer(layer, dense_layer, rel, streams_runner(forward, pruned_h), how, layer_prefix)
 
-
-def _is_last(layer: nn.Module, rel: str) -> bool:
-    """Is ``rel`` the layer's last linear module (its output goes straight into the layer's output)?"""
-    last = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)][-1]
-    return last == rel
 
 
 def _by_consumer(model, fams, layer_prefix):

@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--save", default=None, help="save each pruned model to SAVE/<variant name>")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    for name in ("LLMPruner.obs_allocation", "LLMPruner.obs_measured", "LLMPruner.sequential",
+    for name in ("LLMPruner.obs_allocation", "LLMPruner.sequential",
                  "LLMPruner.reconstruct"):
         logging.getLogger(name).setLevel(logging.INFO)
     from LLMPruner.checkpoint import load_model, save_pruned

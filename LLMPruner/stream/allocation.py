@@ -1,6 +1,6 @@
 """The OBS allocation's dense statistics (``obs_allocation.stream_grams``) from the layer-streamed pass.
 
-``--obs_allocation residual`` / ``normalized`` / ``output`` need, per pruned layer, the Gram of each
+``--obs_allocation residual`` needs, per pruned layer, the Gram of each
 consumer's dense input and the energy of the layer's output. In memory, ``obs_allocation.layer_grams``
 runs the dense stream layer by layer on the loaded model; here the same code runs on a stream whose
 first state comes from the embeddings stage (``apply.embed``) and whose layers are loaded from the
@@ -21,7 +21,7 @@ from .weights import Part, WeightSource, layers_prefix
 
 
 def streamed_grams(model: nn.Module, source: WeightSource, families: list[Family], examples: torch.Tensor,
-                   opts: PassOptions, normalized: bool = False
+                   opts: PassOptions
                    ) -> Iterator[tuple[int, dict[str, torch.Tensor], float]]:
     """``obs_allocation.layer_grams`` of the meta-device ``model`` whose weights are in ``source``: one
     decoder layer on ``opts.device`` at a time, the boundary states on the host."""
@@ -43,7 +43,7 @@ def streamed_grams(model: nn.Module, source: WeightSource, families: list[Family
         loaded.pop(i).release()
 
     try:
-        yield from stream_grams(layers, consumers(model, families), hidden, forward, normalized, enter, leave,
+        yield from stream_grams(layers, consumers(model, families), hidden, forward, enter, leave,
                                 device=opts.linalg_device)
     finally:
         for part in loaded.values():

@@ -228,9 +228,9 @@ def _sequential_layer(model, prefix, i, layer, fams, mine: PruningPlan, names, x
             return calls[len(h)](module, h.to(opts.device))
         steps = opts.reconstruct is not None and opts.reconstruct.steps > 0
         dense_copy = copy.deepcopy(layer) if steps else None  # the reconstruction's target, as in memory
-        out = refit_sequential_layer(model, layer, None, fams, mine.removed_units, forward, None, chunks,
-                                     f"{prefix}.{i}.", ridge=opts.refit_ridge, reselect=opts.reselect,
-                                     grouping=opts.grouping, linalg_device=opts.linalg_device)
+        out = refit_sequential_layer(model, layer, fams, mine.removed_units, forward, chunks, f"{prefix}.{i}.",
+                                     ridge=opts.refit_ridge, reselect=opts.reselect, grouping=opts.grouping,
+                                     linalg_device=opts.linalg_device)
         if steps:
             reconstruct_mlps(model, layer, dense_copy, fams, mine.removed_units, f"{prefix}.{i}.", forward, chunks,
                              opts.reconstruct)

@@ -124,9 +124,6 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
     if selection == "obs" and sequential:
         raise ValueError("--offload_sequential with --selection obs: the guard keeps the better of the sequential "
                          "and the one-shot model, and OBS selection has no one-shot model; drop one of them")
-    if obs_allocation in ("kl", "fisher"):
-        raise ValueError(f"--obs_allocation {obs_allocation} with --offload: it needs the whole model in memory "
-                         "(a backward pass or a forward per level); use residual, normalized or output")
     if mode not in ("block_wise", "channel_wise"):
         raise ValueError(f"--offload with mode {mode!r}: choose block_wise or channel_wise "
                          "(--layer_wise keeps whole layers: prune without --offload)")
@@ -151,7 +148,7 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
     if (sequential or compensation == "refit") and mode == "channel_wise":
         raise ValueError(f"--compensation {compensation}{' --offload_sequential' if sequential else ''} with "
                          "--channel_wise: sequential compensation works on per-layer families; use "
-                         "--compensation refit_oneshot or bias without --offload_sequential")
+                         "--compensation bias without --offload_sequential")
     opts = PassOptions(device=device, dtype=dtype, batch_size=calibration_batch_size, compensation=compensation,
                        ridge=1e-3 if ridge is None else ridge, refit_ridge=ridge,
                        reselect=pruner_type if pruner_type in ACTIVATION_PRUNERS else None,
@@ -219,7 +216,7 @@ def _obs_counts(model, source, targets, plan: PruningPlan | None, select, exampl
         plan = make_plan(model, targets, select(targets, {f.key: torch.zeros(f.n_units) for f in targets}))
     removed = obs_counts(model, targets, plan.removed_units, examples, how, damp, opts.batch_size,
                          max_fraction=max_fraction, device=opts.linalg_device,
-                         grams_of=lambda normalized: streamed_grams(model, source, targets, examples, opts, normalized))
+                         grams_of=lambda: streamed_grams(model, source, targets, examples, opts))
     return make_plan(model, targets, removed)
 
 
