@@ -32,18 +32,18 @@ from .experts import check_expert_count, choose_experts, kept_experts, remove_ex
 from .export import check_gguf_exportable, export_gguf
 from .plan import PruningPlan
 from .prompts import REFERENCE_PROMPTS
-from .prune import check_budget, check_layer_range, check_refit_tokens, check_round_to, prune, widest_input
+from .pipeline import DTYPES, prune_with
+from .prune import check_budget, check_layer_range, check_refit_tokens, check_round_to, widest_input
 from .prune_args import needs_calibration
 from .recipe import AUTO
 from .run_folder import RunFolder
 from .shrink import count_parameters
-from .stream.pipeline import open_source, prune_offloaded
+from .stream.pipeline import open_source
 from .stream.placement import parse_device_map, place_model, unplace_model
 from .stream.weights import skeleton
 from .structure import ModelStructure
 
 logger = logging.getLogger("hf_prune")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,18 +193,7 @@ def prune_experts(model, args, examples) -> tuple[list[PruningPlan], ModelStruct
 def prune_widths(model, args, ranges: dict, examples) -> tuple[list[PruningPlan], ModelStructure]:
     """Heads, channels, the hidden size or layers (LLMPruner/prune.py)."""
     _log_linalg(args)
-    mode = "layer_wise" if args.layer_wise else "channel_wise" if args.channel_wise else "block_wise"
-    result = prune(model, mode=mode, pruning_ratio=args.pruning_ratio, pruner_type=args.pruner_type,
-                   taylor=args.taylor, grouping_strategy=args.grouping_strategy, layer=args.layer,
-                   iterative_steps=args.iterative_steps, global_pruning=args.global_pruning,
-                   examples=examples, seed=args.seed, round_to=args.round_to, param_budget=args.param_budget,
-                   compensation=args.compensation, ridge=args.ridge, prune_layers=args.prune_layers,
-                   layer_importance=args.layer_importance, calibration_batch_size=args.calibration_batch_size,
-                   query_heads=args.query_heads, budget_criterion=args.budget_criterion,
-                   unit_rounding=args.unit_rounding, selection=args.selection, obs_damp=args.obs_damp,
-                   obs_allocation=args.obs_allocation,
-                   reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
-                   linalg_device=args.linalg_device, **ranges)
+    result = prune_with(model, stage_config(args), examples, ranges=ranges)
     return result.plans, result.structure
 
 
@@ -287,6 +276,11 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def stage_config(args) -> PruneConfig:
+    """The configuration the stages run: the budget a --target_params became for this model, not the target."""
+    return PruneConfig.from_flat({**vars(args), "target_params": None})
 
 
 def run_config(args) -> PruneConfig:
@@ -429,18 +423,8 @@ def offload_prune_and_save(model_or_folder, tokenizer, args, ranges: dict, log_d
         examples = calibration_examples(args.calibration_data, tokenizer, args.num_examples,
                                         args.calibration_seq_len, args.seed)
     _log_linalg(args)
-    result = prune_offloaded(
-        model_or_folder, save_to=log_dir, tokenizer=tokenizer,
-        mode="channel_wise" if args.channel_wise else "block_wise", pruning_ratio=args.pruning_ratio,
-        pruner_type=args.pruner_type, taylor=args.taylor, grouping_strategy=args.grouping_strategy,
-        global_pruning=args.global_pruning, examples=examples, seed=args.seed, round_to=args.round_to,
-        param_budget=args.param_budget, compensation=args.compensation, ridge=args.ridge,
-        sequential=args.offload_sequential, calibration_batch_size=args.calibration_batch_size,
-        device=args.device, dtype=DTYPES[args.dtype], max_memory=args.max_memory,
-        offload_states_to_disk=args.offload_states_to_disk, unit_rounding=args.unit_rounding,
-        budget_criterion=args.budget_criterion, selection=args.selection, obs_damp=args.obs_damp,
-        obs_allocation=args.obs_allocation, reconstruct_steps=args.reconstruct_steps,
-        reconstruct_lr=args.reconstruct_lr, linalg_device=args.linalg_device, provenance={"base_model": args.base_model, "args": vars(args)}, **ranges)
+    result = prune_with(model_or_folder, stage_config(args), examples, ranges=ranges, save_to=log_dir,
+                        tokenizer=tokenizer, provenance={"base_model": args.base_model, "args": vars(args)})
     results = {"base_model": args.base_model, "params_before": result.params_before,
                "params_after": result.params_after, "ratio": result.params_after / result.params_before,
                "structure": result.structure.to_dict(), "stages": result.peaks, "saved_model": True}

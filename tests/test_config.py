@@ -131,3 +131,27 @@ def test_auto_prunes_with_each_recipe_and_keeps_the_lowest_heldout_loss(tmp_path
     results = json.loads((tmp_path / "llama_prune" / "results.json").read_text())
     assert results["recipe"] == chosen[0]["recipe"] and results["params_after"] == chosen[0]["params"]
     assert "--recipe auto: held-out loss of each recipe's model" in out and "| chosen |" in out
+
+
+def test_one_pipeline_gives_the_same_model_resident_or_streamed(tmp_path):
+    """prune_with: the same configuration, in memory and layer by layer (--offload), the same units and weights."""
+    import copy
+
+    import torch
+    from conftest import tiny_model
+    from LLMPruner.pipeline import prune_with
+    model = tiny_model(num_hidden_layers=3, seed=3)
+    dense = copy.deepcopy(model)
+    config = load_recipe("quality").config()  # OBS + residual allocation + refit, MLP only
+    config.how_much.param_budget = 0.15
+    examples = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    ranges = {"attention_layers": range(0), "mlp_layers": range(0, 3)}
+    config.calibration.calibration_batch_size = 4
+    resident = prune_with(model, config, examples, ranges=ranges)
+    config.runtime.offload = True
+    streamed = prune_with(dense, config, examples, ranges=ranges, save_to=tmp_path / "off")
+    from test_offload_obs import _same_model
+    _same_model(tmp_path, model, streamed, resident)  # the same units, kept indices and weights (rtol 1e-5)
+    config.what.query_heads = True
+    with pytest.raises(ValueError, match="--offload cannot be combined with --query_heads"):
+        prune_with(dense, config, examples)
