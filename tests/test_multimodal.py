@@ -139,20 +139,18 @@ def test_cli_prunes_an_image_text_folder_only_with_the_flag(tmp_path):
     assert data.exists()
 
 
-def test_evaluation_and_the_distillation_teacher_read_the_language_model(saved):
+def test_evaluation_and_the_distillation_teacher_read_the_language_model(saved, monkeypatch):
     """Text evaluation and a KD teacher need no flag: on text the language model's logits are the model's."""
-    import importlib.util
-    from conftest import REPO
+    import argparse
+
     from LLMPruner.evaluate.models import CheckpointSpec, load_for_eval
+    from LLMPruner.recover import run as post  # post_training.py's run
     kind, dense, folder = saved
     model, _ = load_for_eval(CheckpointSpec(name="dense", model=str(folder), lora=None))
     assert_paths_agree(logits(model), logits(dense))
-    spec = importlib.util.spec_from_file_location("_post_training_mm", REPO / "post_training.py")
-    post = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(post)
     seen = {}
-    post.distill_trainer_class = lambda teacher, config: seen.setdefault("teacher", teacher)
-    args = post.argparse.Namespace(distill_loss="kl", teacher=str(folder), kd_alpha=0.5, kd_temperature=1.0,
+    monkeypatch.setattr(post, "distill_trainer_class", lambda teacher, config: seen.setdefault("teacher", teacher))
+    args = argparse.Namespace(distill_loss="kl", teacher=str(folder), kd_alpha=0.5, kd_temperature=1.0,
                                    kd_chunk_tokens=1024, teacher_device=None)
     post.distill_trainer(args, torch.float32)
     assert_paths_agree(logits(seen["teacher"]), logits(dense))
