@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import options as o
+from LLMPruner import options as o
 
 MODES = ("block_wise", "channel_wise", "layer_wise", "experts")
 

@@ -5,6 +5,7 @@
     llmpruner-evaluate   = python evaluate.py
     llmpruner-generate   = python generate.py
     llmpruner-speedup    = python test_speedup.py
+    llmpruner-compress   = python compress.py
 
 The scripts stay the source of truth (and runnable as ``python hf_prune.py``); these wrappers only
 locate them next to the package, so they need an editable install from a checkout.
@@ -45,3 +46,7 @@ def generate() -> None:
 
 def speedup() -> None:
     _run("test_speedup.py")
+
+
+def compress() -> None:
+    _run("compress.py")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import PruneConfig
+from LLMPruner.config import PruneConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,14 +50,14 @@ def prune_with(source, config: PruneConfig, examples: torch.Tensor | None = None
     if kwargs["pruning_ratio"] is None:
         kwargs["pruning_ratio"] = 0.5  # hf_prune.py's default, unused when a budget is given
     if config.runtime.offload:
-        from .stream.pipeline import prune_offloaded
+        from LLMPruner.stream.pipeline import prune_offloaded
         rt = config.runtime
         return prune_offloaded(source, save_to=save_to, tokenizer=tokenizer,
                                mode="channel_wise" if mode == "channel_wise" else "block_wise", examples=examples,
                                sequential=rt.offload_sequential, device=rt.device or "cpu", dtype=DTYPES[rt.dtype],
                                max_memory=rt.max_memory, offload_states_to_disk=rt.offload_states_to_disk,
                                provenance=provenance, **kwargs)
-    from .prune import prune
+    from LLMPruner.prune import prune
     w = config.what
     return prune(source, mode=mode, layer=w.layer, iterative_steps=config.how_much.iterative_steps,
                  prune_layers=w.prune_layers, layer_importance=w.layer_importance, query_heads=w.query_heads,

@@ -20,23 +20,23 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .activations import activation_channel_scores, collect_input_stats, consumers
-from .adapters import get_adapter
-from .budget import BudgetCriterion, check_reachable, choose_by_budget, non_embedding_parameters
-from .compensate import Compensation, add_biases, compensate
-from .depth import LayerImportance, choose_layers
-from .estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
-from .graph import Family, discover
-from .heads import head_family, rank_family
-from .obs import DAMP, Selection, check_selection, obs_reselect
-from .obs_allocation import Allocation, obs_counts
-from .options import ACTIVATION_PRUNERS, ALL_PRUNERS  # noqa: F401  (re-exported)
-from .plan import PruningPlan
-from .reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
-from .select import Rounding, channels_per_unit, choose, make_plan
-from .sequential import sequential_prune
-from .shrink import apply_plan
-from .structure import ModelStructure
+from LLMPruner.score.activations import activation_channel_scores, collect_input_stats, consumers
+from LLMPruner.adapters import get_adapter
+from LLMPruner.select.budget import BudgetCriterion, check_reachable, choose_by_budget, non_embedding_parameters
+from LLMPruner.compensate.refit import Compensation, add_biases, compensate
+from LLMPruner.score.depth import LayerImportance, choose_layers
+from LLMPruner.score.estimate import PRUNER_TYPES, Grouping, TaylorMode, estimate, unit_scores
+from LLMPruner.discover import Family, discover
+from LLMPruner.discover.heads import head_family, rank_family
+from LLMPruner.select.obs import DAMP, Selection, check_selection, obs_reselect
+from LLMPruner.select.allocation import Allocation, obs_counts
+from LLMPruner.options import ACTIVATION_PRUNERS, ALL_PRUNERS  # noqa: F401  (re-exported)
+from LLMPruner.plan import PruningPlan
+from LLMPruner.compensate.reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
+from LLMPruner.select.units import Rounding, channels_per_unit, choose, make_plan
+from LLMPruner.compensate.sequential import sequential_prune
+from LLMPruner.shrink import apply_plan
+from LLMPruner.structure import ModelStructure
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import (ALLOCATIONS, BUDGET_CRITERIA, COMPENSATIONS, DAMP, EXPERT_IMPORTANCES, LAYER_IMPORTANCES,
+from LLMPruner.options import (ALLOCATIONS, BUDGET_CRITERIA, COMPENSATIONS, DAMP, EXPERT_IMPORTANCES, LAYER_IMPORTANCES,
                       RECONSTRUCT_LR, ROUNDINGS, SELECTIONS, parse_count)
 
 
@@ -25,14 +25,14 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
                         "width in calibration tokens) or bias (FLAP)")
     b.add_argument("--selection", default="score", choices=SELECTIONS,
                    help="which units go: score (the lowest --pruner_type scores) or obs (structured Optimal "
-                        "Brain Surgeon on the pruned model's inputs, layer by layer, LLMPruner/obs.py; the "
+                        "Brain Surgeon on the pruned model's inputs, layer by layer, LLMPruner/select/obs.py; the "
                         "scores then only set how many units each family loses; needs --compensation refit)")
     b.add_argument("--obs_damp", type=float, default=DAMP,
                    help="--selection obs: damping of X^T X, relative to its mean diagonal")
     b.add_argument("--obs_allocation", default="uniform", choices=ALLOCATIONS,
                    help="--selection obs: units per layer as the budget/ratio gives them (uniform) or spent "
                         "where the OBS error relative to the layer's residual stream is smallest (residual, "
-                        "LLMPruner/obs_allocation.py: the best measured on SmolLM2 at -12 %% and -20 %%; "
+                        "LLMPruner/select/allocation.py: the best measured on SmolLM2 at -12 %% and -20 %%; "
                         "uniform at -29 %%)")
     b.add_argument("--query_heads", action="store_true",
                    help="also prune query heads inside each KV group (the same count per group); with "
@@ -47,7 +47,7 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
                         "channels of k_proj / the MLP) or nearest")
     b.add_argument("--reconstruct_steps", type=int, default=0,
                    help="with --compensation refit: after each pruned layer's refit, this many Adam steps on its "
-                        "MLP toward the dense MLP on the pruned inputs (LLMPruner/reconstruct.py; gradient steps "
+                        "MLP toward the dense MLP on the pruned inputs (LLMPruner/compensate/reconstruct.py; gradient steps "
                         "on the calibration tokens, no labels: 200 measured on SmolLM2); 0 = closed form only")
     b.add_argument("--reconstruct_lr", type=float, default=RECONSTRUCT_LR,
                    help="--reconstruct_steps: Adam's learning rate")
@@ -67,7 +67,7 @@ def add_beyond_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_expert_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("mixture-of-experts models (LLMPruner/experts.py)")
+    g = p.add_argument_group("mixture-of-experts models (LLMPruner/experts/core.py)")
     g.add_argument("--prune_experts", type=int, default=0,
                    help="remove this many whole experts from every MoE layer (the same count in each, so the "
                         "result is a stock checkpoint with fewer experts); nothing else is pruned")
@@ -109,8 +109,8 @@ def apply_sources(args: argparse.Namespace, explicit: set[str]) -> None:
     """``--config FILE`` then ``--recipe NAME`` under the explicit flags, then ``PruneConfig.validate``: the
     one place the pruning options are checked (``ValueError`` naming the flag). ``--recipe auto`` checks
     every candidate recipe with the explicit flags now, and is resolved by ``prune_run``."""
-    from .config import PruneConfig
-    from .recipe import AUTO, auto_recipes, load_recipe
+    from LLMPruner.config import PruneConfig
+    from LLMPruner.recipe import AUTO, auto_recipes, load_recipe
     modes = ("block_wise", "channel_wise", "layer_wise")
     mode_given = any(m in explicit for m in modes) or "prune_experts" in explicit
 

@@ -22,26 +22,26 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .adapters import get_adapter
-from .budget import budget_for_target, non_embedding_parameters
-from .config import PruneConfig, resolve_layer
-from .checkpoint import load_model, save_pruned
-from .data.calibration import calibration_examples
-from .evaluate.ppl import describe_ppl, evaluate_ppl
-from .experts import check_expert_count, choose_experts, kept_experts, remove_experts
-from .export import check_gguf_exportable, export_gguf
-from .plan import PruningPlan
-from .prompts import REFERENCE_PROMPTS
-from .pipeline import DTYPES, prune_with
-from .prune import check_budget, check_layer_range, check_refit_tokens, check_round_to, widest_input
-from .prune_args import needs_calibration
-from .recipe import AUTO
-from .run_folder import RunFolder
-from .shrink import count_parameters
-from .stream.pipeline import open_source
-from .stream.placement import parse_device_map, place_model, unplace_model
-from .stream.weights import skeleton
-from .structure import ModelStructure
+from LLMPruner.adapters import get_adapter
+from LLMPruner.select.budget import budget_for_target, non_embedding_parameters
+from LLMPruner.config import PruneConfig, resolve_layer
+from LLMPruner.checkpoint import load_model, save_pruned
+from LLMPruner.data.calibration import calibration_examples
+from LLMPruner.evaluate.ppl import describe_ppl, evaluate_ppl
+from LLMPruner.experts.core import check_expert_count, choose_experts, kept_experts, remove_experts
+from LLMPruner.export import check_gguf_exportable, export_gguf
+from LLMPruner.plan import PruningPlan
+from LLMPruner.prompts import REFERENCE_PROMPTS
+from LLMPruner.pipeline import DTYPES, prune_with
+from LLMPruner.prune import check_budget, check_layer_range, check_refit_tokens, check_round_to, widest_input
+from LLMPruner.prune_args import needs_calibration
+from LLMPruner.recipe import AUTO
+from LLMPruner.run_folder import RunFolder
+from LLMPruner.shrink import count_parameters
+from LLMPruner.stream.pipeline import open_source
+from LLMPruner.stream.placement import parse_device_map, place_model, unplace_model
+from LLMPruner.stream.weights import skeleton
+from LLMPruner.structure import ModelStructure
 
 logger = logging.getLogger("hf_prune")
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 def resolve_auto(args: argparse.Namespace) -> argparse.Namespace:
     """``--recipe auto``: the arguments of the recipe whose pruned model has the lowest held-out loss, with
     the table they were chosen from (``args.recipe_auto``), printed here and saved by ``prune_and_save``."""
-    from .recipe_auto import auto_table, choose_recipe
+    from LLMPruner.recipe_auto import auto_table, choose_recipe
 
     def prune_one(model, trial: argparse.Namespace) -> int:
         get_adapter(model).check_width_pruning(model.config)
@@ -110,7 +110,7 @@ def resolve_auto(args: argparse.Namespace) -> argparse.Namespace:
 def load_tokenizer(args: argparse.Namespace):
     """The tokenizer of ``--base_model`` (loaded with a throwaway model only where the folder has no
     tokenizer files of its own: GGUF, Meta layout)."""
-    from .checkpoint.load import has_tokenizer
+    from LLMPruner.checkpoint.load import has_tokenizer
     path = Path(args.base_model)
     if path.is_dir() and has_tokenizer(path):
         from transformers import AutoTokenizer
@@ -152,6 +152,7 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
     else:
         model.to(args.device)
     before = count_parameters(model)
+    dense = get_adapter(model).read_structure(model) if not args.prune_experts else None
     t0 = time.perf_counter()
     plans, structure = prune_experts(model, args, examples) if args.prune_experts \
         else prune_widths(model, args, ranges, examples)
@@ -159,7 +160,8 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
         unplace_model(model, args.device)
     after = count_parameters(model)
     results.update(params_before=before, params_after=after, ratio=after / before,
-                   prune_seconds=round(time.perf_counter() - t0, 2), structure=structure.to_dict())
+                   prune_seconds=round(time.perf_counter() - t0, 2), structure=structure.to_dict(),
+                   structure_before=dense.to_dict() if dense is not None else None)
     log_target(args)
     logger.info("#Param before: %d, #Param after: %d, Ratio = %.4f%%", before, after, 100 * after / before)
     logger.info("structure:\n%s", structure.describe())
@@ -183,7 +185,7 @@ def prune_and_save(model, tokenizer, args, ranges: dict, log_dir: Path) -> dict:
 
 
 def prune_experts(model, args, examples) -> tuple[list[PruningPlan], ModelStructure]:
-    """--prune_experts: the same number of whole experts leaves every MoE layer (LLMPruner/experts.py)."""
+    """--prune_experts: the same number of whole experts leaves every MoE layer (LLMPruner/experts/core.py)."""
     plan = choose_experts(model, args.prune_experts, examples, args.expert_importance,
                           batch_size=args.calibration_batch_size, seed=args.seed)
     remove_experts(model, kept_experts(plan, model))
@@ -346,7 +348,7 @@ def main_offload(args: argparse.Namespace) -> int:
         results = offload_prune_and_save(model_or_folder, tokenizer, args, ranges, run.path)
         run.commit()  # the checkpoint is always written under --offload: safe before any evaluation
         if args.test_after_train:  # the pruned model, loaded from the folder just written
-            from .checkpoint import load_pruned
+            from LLMPruner.checkpoint import load_pruned
             model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
             evaluate_after(model, tokenizer, args, run.path, results)
     return 0
@@ -354,15 +356,15 @@ def main_offload(args: argparse.Namespace) -> int:
 
 def main_experts_offload(args: argparse.Namespace) -> int:
     """--prune_experts with --offload: scores from the model placed by accelerate (device, host, disk), then
-    the checkpoint rewritten tensor by tensor (LLMPruner/experts_offload.py); neither model is ever whole in
+    the checkpoint rewritten tensor by tensor (LLMPruner/experts/offload.py); neither model is ever whole in
     host memory (the scoring reads a copy in fused names, written one layer at a time)."""
     import tempfile
     from transformers import AutoTokenizer
-    from .checkpoint.load import has_tokenizer
+    from LLMPruner.checkpoint.load import has_tokenizer
     from transformers import AutoConfig
-    from .checkpoint.save import write_record
-    from .experts_offload import fused_copy, local_folder, open_offloaded, placement, rewrite_checkpoint
-    from .stream.memory import parse_memory
+    from LLMPruner.checkpoint.save import write_record
+    from LLMPruner.experts.offload import fused_copy, local_folder, open_offloaded, placement, rewrite_checkpoint
+    from LLMPruner.stream.memory import parse_memory
     set_seed(args.seed)
     folder = local_folder(args.base_model)
     # a model type or expert count that cannot be pruned fails from a meta-device skeleton, before any copy
@@ -402,7 +404,7 @@ def main_experts_offload(args: argparse.Namespace) -> int:
             write_results(run.path, results)
             run.commit()  # the checkpoint is always written under --offload: safe before any evaluation
             if args.test_after_train:
-                from .checkpoint import load_pruned
+                from LLMPruner.checkpoint import load_pruned
                 model, tokenizer = load_pruned(run.path, torch_dtype=DTYPES[args.dtype])
                 evaluate_after(model, tokenizer, args, run.path, results)
     return 0

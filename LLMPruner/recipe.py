@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, PruneConfig, read_mapping
+from LLMPruner.config import ConfigError, PruneConfig, read_mapping
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 AUTO = "auto"

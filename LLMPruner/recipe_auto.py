@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from .checkpoint import load_model
-from .data.calibration import calibration_windows, heldout_windows, load_calibration_text
-from .recipe import Recipe, auto_recipes
+from LLMPruner.checkpoint import load_model
+from LLMPruner.data.calibration import calibration_windows, heldout_windows, load_calibration_text
+from LLMPruner.recipe import Recipe, auto_recipes
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import logging
 import torch
 import torch.nn as nn
 
-from .adapters import get_adapter
-from .plan import PruningPlan
-from .structure import ModelStructure
+from LLMPruner.adapters import get_adapter
+from LLMPruner.plan import PruningPlan
+from LLMPruner.structure import ModelStructure
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 
 from common import load_stories, require_shared, split_stories, table
 
-from LLMPruner.budget import non_embedding_parameters
+from LLMPruner.select.budget import non_embedding_parameters
 from LLMPruner.data.calibration import calibration_examples
 from LLMPruner.evaluate.ppl import perplexity
 from LLMPruner.prune import prune

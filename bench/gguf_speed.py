@@ -29,7 +29,7 @@ import torch
 
 from common import SHARED, table
 
-from LLMPruner.budget import non_embedding_parameters
+from LLMPruner.select.budget import non_embedding_parameters
 from LLMPruner.checkpoint import load_model
 from LLMPruner.export import export_gguf
 from LLMPruner.prune import prune

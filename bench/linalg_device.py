@@ -38,8 +38,8 @@ def _timed(device: torch.device, fn):
 
 
 def one_layer(out: int, width: int, remove: int, tokens: int, device: torch.device) -> dict:
-    from LLMPruner.compensate import CrossStats, refit_layer
-    from LLMPruner.obs import damped_inverse, obs_select
+    from LLMPruner.compensate.refit import CrossStats, refit_layer
+    from LLMPruner.select.obs import damped_inverse, obs_select
     g = torch.Generator().manual_seed(0)
     scale = torch.rand(width, generator=g) + 0.05
     mix = torch.randn(64, width, generator=g)  # a shared low-rank part: removed inputs are partly predictable

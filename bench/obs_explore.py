@@ -60,10 +60,10 @@ def parse(spec: str) -> tuple[str, dict]:
 
 def prune_variant(base, tok, spec: str):
     """A pruned copy of ``base`` for one VARIANT: (name, model, prune seconds, target label)."""
-    from LLMPruner import compensate
-    from LLMPruner.budget import budget_for_target, non_embedding_parameters
+    from LLMPruner.compensate.refit import refit
+    from LLMPruner.select.budget import budget_for_target, non_embedding_parameters
     from LLMPruner.data.calibration import calibration_examples
-    from LLMPruner.obs_allocation import obs_counts
+    from LLMPruner.select.allocation import obs_counts
     from LLMPruner.plan import PruningPlan
     from LLMPruner.prune import prune
     from LLMPruner.shrink import apply_plan, count_parameters
@@ -117,8 +117,8 @@ def main() -> None:
     p.add_argument("--save", default=None, help="save each pruned model to SAVE/<variant name>")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    for name in ("LLMPruner.obs_allocation", "LLMPruner.sequential",
-                 "LLMPruner.reconstruct"):
+    for name in ("LLMPruner.select.allocation", "LLMPruner.compensate.sequential",
+                 "LLMPruner.compensate.reconstruct"):
         logging.getLogger(name).setLevel(logging.INFO)
     from LLMPruner.checkpoint import load_model, save_pruned
     from LLMPruner.shrink import count_parameters

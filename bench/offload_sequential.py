@@ -107,7 +107,7 @@ def smollm2_child(kind: str, folder: str, out: str) -> dict:
     import LLMPruner
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("LLMPruner.sequential").setLevel(logging.INFO)
+    logging.getLogger("LLMPruner.compensate.sequential").setLevel(logging.INFO)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     examples = calibration_examples(str(SHARED / "data" / "c4" / "c4_demo.jsonl"), tokenizer, 48, 64, 0)
     t0 = time.perf_counter()
@@ -161,7 +161,7 @@ def main() -> None:
     require_shared()
     torch.set_num_threads(1)
     choices = Choices()
-    seq_logger = logging.getLogger("LLMPruner.sequential")
+    seq_logger = logging.getLogger("LLMPruner.compensate.sequential")
     seq_logger.setLevel(logging.INFO)
     seq_logger.addHandler(choices)
     if args.heldout:

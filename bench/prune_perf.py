@@ -19,9 +19,9 @@ import torch
 
 from common import STORIES, load_stories, random_llama_60m, table
 
-from LLMPruner.estimate import estimate
-from LLMPruner.graph import discover
-from LLMPruner.select import choose, make_plan
+from LLMPruner.score.estimate import estimate
+from LLMPruner.discover import discover
+from LLMPruner.select.units import choose, make_plan
 from LLMPruner.shrink import apply_plan
 
 
@@ -54,7 +54,7 @@ def child(model_name: str, way: str) -> dict:
     else:  # the reference: gradients of every parameter held, then scored
         loss = model(input_ids=examples, labels=examples).loss
         loss.backward()
-        from LLMPruner.estimate import channel_reduce, unit_scores
+        from LLMPruner.score.estimate import channel_reduce, unit_scores
         params = dict(model.named_parameters())
         chan = {(m.param, m.dim): channel_reduce(params[m.param].detach() * params[m.param].grad, m.dim)
                 for f in fams for m in f.members}

@@ -7,10 +7,10 @@ The model is ``../shared/models/SmolLM2-135M-Instruct-Q4_1`` (GGUF, dequantised 
 safetensors folder) unless ``--smollm2`` names an fp32 folder. Calibration and evaluation use the fixed
 ids of ``../shared/data/smollm2_protocol.json``: the paper rows calibrate on its 10 x 64 ``calib`` ids;
 the project's rows on 128 x 128 tokens of ``../shared/data/c4/c4_demo.jsonl`` (seeded windows). The
-``obs`` rows: ``--selection obs`` (structured OBS in the sequential pass, ``LLMPruner/obs.py``), the l2
+``obs`` rows: ``--selection obs`` (structured OBS in the sequential pass, ``LLMPruner/select/obs.py``), the l2
 scores only giving the uniform per-layer counts that ``residual`` allocation may redistribute
-(``LLMPruner/obs_allocation.py``); ``+ reconstruct N``: N Adam steps on each pruned layer's MLP toward the
-dense MLP on the pruned inputs (``LLMPruner/reconstruct.py``; gradient steps, not closed form). PPL =
+(``LLMPruner/select/allocation.py``); ``+ reconstruct N``: N Adam steps on each pruned layer's MLP toward the
+dense MLP on the pruned inputs (``LLMPruner/compensate/reconstruct.py``; gradient steps, not closed form). PPL =
 exp(mean next-token CE over the ``--windows`` first 128-token windows of WikiText-2 / PTB, batches of 4).
 Each row runs in a fresh process (peak RSS is that process's), pruning timed alone.
 """
@@ -43,7 +43,7 @@ TARGETS = {"118.6M": 118_589_760, "95.6M": 95_586_624, "107.6M": int(0.8 * DENSE
 def _budget(target: int) -> float:
     """--param_budget (fraction of the non-embedding parameters) that removes DENSE - target (what
     ``--target_params`` computes from the model)."""
-    from LLMPruner.budget import budget_for_target
+    from LLMPruner.select.budget import budget_for_target
     return budget_for_target(DENSE, DENSE - 49152 * 576, target)
 
 

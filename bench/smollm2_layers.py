@@ -30,7 +30,7 @@ from common import table  # noqa: E402
 from obs_explore import heldout_sets  # noqa: E402
 from smollm2 import C4, PROTOCOL, _ppl, _ppls  # noqa: E402
 
-from LLMPruner.depth import only_layers  # noqa: E402
+from LLMPruner.score.depth import only_layers  # noqa: E402
 
 
 def eval_sets(tok, windows: int) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 
 from common import random_llama_60m, table
 
-from LLMPruner.budget import non_embedding_parameters
+from LLMPruner.select.budget import non_embedding_parameters
 from LLMPruner.prune import prune
 
 

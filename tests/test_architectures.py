@@ -13,9 +13,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter, supported_model_types
-from LLMPruner.graph import discover
+from LLMPruner.discover import discover
 from LLMPruner.prune import prune
-from LLMPruner.select import make_plan
+from LLMPruner.select.units import make_plan
 from LLMPruner.shrink import apply_plan
 from LLMPruner.structure import ModelStructure
 from tolerance import assert_decoding_agrees, assert_paths_agree, assert_same

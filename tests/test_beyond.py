@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from LLMPruner.activations import collect_input_stats, consumers
-from LLMPruner.budget import choose_by_budget, non_embedding_parameters, unit_cost
-from LLMPruner.compensate import compensate, refit_weight
-from LLMPruner.depth import choose_layers
-from LLMPruner.estimate import unit_scores
-from LLMPruner.graph import discover
+from LLMPruner.score.activations import collect_input_stats, consumers
+from LLMPruner.select.budget import choose_by_budget, non_embedding_parameters, unit_cost
+from LLMPruner.compensate.refit import compensate, refit_weight
+from LLMPruner.score.depth import choose_layers
+from LLMPruner.score.estimate import unit_scores
+from LLMPruner.discover import discover
 from LLMPruner.prune import prune
-from LLMPruner.select import make_plan
+from LLMPruner.select.units import make_plan
 from LLMPruner.shrink import apply_plan
 from tolerance import assert_paths_agree
 
@@ -106,7 +106,7 @@ def test_fluctuation_and_wanda_scores_by_hand():
     w = down.weight.detach().double()
     s = stats["model.layers.0.mlp.down_proj.weight"]
     torch.testing.assert_close(s.var, x.var(0, unbiased=False))
-    from LLMPruner.activations import activation_channel_scores
+    from LLMPruner.score.activations import activation_channel_scores
     fl = activation_channel_scores(model, [fam], stats, "fluctuation")[("model.layers.0.mlp.down_proj.weight", 1)]
     torch.testing.assert_close(fl.double(), x.var(0, unbiased=False) * (w ** 2).sum(0), rtol=1e-5, atol=1e-12)
     wa = activation_channel_scores(model, [fam], stats, "wanda")[("model.layers.0.mlp.down_proj.weight", 1)]

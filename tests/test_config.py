@@ -155,3 +155,23 @@ def test_one_pipeline_gives_the_same_model_resident_or_streamed(tmp_path):
     config.what.query_heads = True
     with pytest.raises(ValueError, match="--offload cannot be combined with --query_heads"):
         prune_with(dense, config, examples)
+
+
+def test_the_quality_recipe_is_the_readmes_twelve_flag_smollm2_command(tmp_path):
+    from types import SimpleNamespace
+
+    from LLMPruner.prune_run import check_against_model
+    stories = str(need_shared("models", "stories260K"))  # any local model: nothing is loaded
+    calib = str(need_shared("data", "c4", "c4_demo.jsonl"))
+    common = ["--base_model", stories, "--calibration_data", calib, "--log_dir", str(tmp_path), "--device", "cpu"]
+    long = hf_prune.parse_args(common + [
+        "--pruner_type", "l2", "--selection", "obs", "--obs_allocation", "residual", "--compensation", "refit",
+        "--param_budget", "0.14996", "--skip_attention", "--block_mlp_layer_start", "4", "--block_mlp_layer_end",
+        "28", "--num_examples", "128", "--calibration_seq_len", "128"])
+    short = hf_prune.parse_args(common + ["--recipe", "quality", "--param_budget", "0.14996"])
+    smollm2 = SimpleNamespace(num_hidden_layers=30, max_position_embeddings=8192)
+    assert check_against_model(smollm2, short) == check_against_model(smollm2, long) == \
+        {"attention_layers": range(0), "mlp_layers": range(4, 28)}
+    differ = {k for k, v in PruneConfig.from_flat(vars(long)).flat().items()
+              if PruneConfig.from_flat(vars(short)).flat()[k] != v}
+    assert differ == {"block_mlp_layer_start", "block_mlp_layer_end"}  # 4..28 written as 0.125..-2 (any depth)

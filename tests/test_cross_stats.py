@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from LLMPruner import sequential
-from LLMPruner.compensate import CrossStats, refit_layer, solve_refit
+from LLMPruner.compensate import sequential
+from LLMPruner.compensate.refit import CrossStats, refit_layer, solve_refit
 from LLMPruner.prune import prune
 
 EX = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))

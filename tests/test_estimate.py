@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from LLMPruner.estimate import _combine, channel_reduce, estimate, taylor_scores
-from LLMPruner.graph import discover
+from LLMPruner.score.estimate import _combine, channel_reduce, estimate, taylor_scores
+from LLMPruner.discover import discover
 
 W = torch.tensor([[1.0, -2.0], [0.5, 1.0]])
 G = torch.tensor([[3.0, 1.0], [2.0, -1.0]])

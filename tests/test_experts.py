@@ -1,4 +1,4 @@
-"""Mixture-of-experts models: whole experts removed (``LLMPruner/experts.py``, ``hf_prune.py --prune_experts``).
+"""Mixture-of-experts models: whole experts removed (``LLMPruner/experts/core.py``, ``hf_prune.py --prune_experts``).
 
 Tiny Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, GPT-OSS, PhiMoE, FlexOlmo, Command A MoE, GLM-4.5 (``glm4_moe``),
 MiniMax-M2, Hunyuan-A13B, DeepSeek-V2 and DeepSeek-V3 models built in code (transformers 5's fused
@@ -20,7 +20,7 @@ from cli_helpers import run_cli
 from conftest import need_shared
 from LLMPruner import load_pruned, prune, save_pruned
 from LLMPruner.adapters import UnsupportedArchitectureError
-from LLMPruner.experts import (ExpertPruningError, check_expert_count, choose_experts, expert_scores, kept_experts,
+from LLMPruner.experts.core import (ExpertPruningError, check_expert_count, choose_experts, expert_scores, kept_experts,
                                moe_layers, remove_experts)
 from LLMPruner.plan import PruningPlan
 from tolerance import assert_decoding_agrees, assert_paths_agree, assert_same
@@ -325,7 +325,7 @@ def test_group_limited_routing_loses_the_same_experts_count_in_every_group():
 def test_the_checkpoint_rewritten_on_disk_equals_the_model_pruned_in_memory(model_type, tmp_path):
     """Per-expert tensors on disk (renumbered), fused ones and the router's rows (sliced), shards and their
     index: the rewritten folder loads with the stock class and gives the in-memory result exactly."""
-    from LLMPruner.experts_offload import rewrite_checkpoint
+    from LLMPruner.experts.offload import rewrite_checkpoint
     model = build(model_type)
     model.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
     assert (tmp_path / "dense" / "model.safetensors.index.json").is_file()
@@ -344,7 +344,7 @@ def test_the_checkpoint_rewritten_on_disk_equals_the_model_pruned_in_memory(mode
 def test_the_fused_copy_converted_layer_by_layer_is_the_same_model(model_type, tmp_path):
     """--offload scores a copy of the checkpoint under the model's own names (experts fused), which
     transformers converts one layer at a time: it loads with the stock class and gives the same logits."""
-    from LLMPruner.experts_offload import fused_copy
+    from LLMPruner.experts.offload import fused_copy
     model = build(model_type)
     model.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
     fused_copy(tmp_path / "dense", tmp_path / "fused", torch.float32)
@@ -356,7 +356,7 @@ def test_the_fused_copy_converted_layer_by_layer_is_the_same_model(model_type, t
 
 
 def test_a_rewrite_that_cannot_find_a_layers_experts_fails_naming_it(tmp_path):
-    from LLMPruner.experts_offload import rewrite_checkpoint
+    from LLMPruner.experts.offload import rewrite_checkpoint
     model = build("qwen3_moe")
     model.save_pretrained(tmp_path / "dense")
     keep = {0: list(range(10)), 1: list(range(10)), 2: list(range(10))}  # layer 1 is a dense MLP

@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_model
 from LLMPruner.adapters import UnsupportedArchitectureError, get_adapter
-from LLMPruner.graph import discover
+from LLMPruner.discover import discover
 
 
 def _shape(fam):

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import REPO, need_shared
 
-SCRIPTS = ["hf_prune.py", "post_training.py", "evaluate.py", "generate.py", "test_speedup.py", "export.py"]
+SCRIPTS = ["hf_prune.py", "post_training.py", "evaluate.py", "generate.py", "test_speedup.py", "export.py",
+           "compress.py"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 PROBE = """

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from LLMPruner import compensate, obs, obs_allocation, sequential
-from LLMPruner.compensate import CrossStats, refit_layer, solve_refit
-from LLMPruner.obs import damped_inverse, obs_select, unit_errors
+from LLMPruner.compensate import sequential
+from LLMPruner.select import allocation as obs_allocation, obs
+from LLMPruner.compensate.refit import CrossStats, refit_layer, solve_refit
+from LLMPruner.select.obs import damped_inverse, obs_select, unit_errors
 from LLMPruner.prune import prune
 from LLMPruner.stream.pipeline import prune_offloaded
 

@@ -1,4 +1,4 @@
-"""Structured OBS selection (LLMPruner/obs.py): hand-checked math, zero-impact units, reconstruction error
+"""Structured OBS selection (LLMPruner/select/obs.py): hand-checked math, zero-impact units, reconstruction error
 against score-based selection with the same refit, the CLI end to end."""
 import copy
 import json
@@ -8,8 +8,8 @@ import torch
 
 from cli_helpers import run_cli
 from conftest import need_shared, tiny_model
-from LLMPruner.graph import discover
-from LLMPruner.obs import damped_inverse, obs_select, unit_errors
+from LLMPruner.discover import discover
+from LLMPruner.select.obs import damped_inverse, obs_select, unit_errors
 from LLMPruner.prune import prune
 from LLMPruner.shrink import count_parameters
 
@@ -108,7 +108,7 @@ def _mlp_inputs(model, layer):
 def test_obs_never_reconstructs_worse_than_score_selection_with_the_same_refit(pruner):
     model = tiny_model(seed=3)
     fams = [f for f in discover(model).families if f.kind == "mlp" and f.layer == 1]
-    from LLMPruner.estimate import estimate
+    from LLMPruner.score.estimate import estimate
     scores = estimate(model, fams, pruner_type=pruner, examples=EX)["mlp@1"]
     x = _mlp_inputs(model, 1)                                          # the first pruned layer: dense inputs
     w = model.model.layers[1].mlp.down_proj.weight.detach().double()
@@ -140,7 +140,7 @@ def test_cli_obs_run_saves_a_model_that_loads_with_equal_logits(tmp_path):
     run_dir = tmp_path / "prune_log" / "obs"
     results = json.loads((run_dir / "results.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())[0]["removed_units"]
-    from LLMPruner.budget import non_embedding_parameters, unit_cost
+    from LLMPruner.select.budget import non_embedding_parameters, unit_cost
     from LLMPruner.checkpoint import load_model, load_pruned
     from LLMPruner.data.calibration import calibration_examples
     dense, tok = load_model(str(stories), device="cpu")
@@ -164,7 +164,7 @@ def test_cli_obs_run_saves_a_model_that_loads_with_equal_logits(tmp_path):
 
 
 def test_allocation_spends_removals_on_the_smallest_scaled_marginal_errors():
-    from LLMPruner.obs_allocation import allocate
+    from LLMPruner.select.allocation import allocate
     curves = {"a": [1.0, 2.0, 10.0], "b": [1.5, 3.0]}
     assert allocate(curves, {"a": 1.0, "b": 1.0}, 3) == {"a": 2, "b": 1}     # 1, 1.5, 2
     assert allocate(curves, {"a": 1.0, "b": 10.0}, 3) == {"a": 1, "b": 2}    # 0.15, 0.3, 1

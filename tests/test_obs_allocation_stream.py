@@ -8,9 +8,9 @@ import weakref
 import torch
 
 from conftest import tiny_model
-from LLMPruner.activations import collect_input_stats, consumers
-from LLMPruner.graph import discover
-from LLMPruner.obs_allocation import layer_grams
+from LLMPruner.score.activations import collect_input_stats, consumers
+from LLMPruner.discover import discover
+from LLMPruner.select.allocation import layer_grams
 
 EX = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
 

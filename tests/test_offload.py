@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model
 from LLMPruner import load_pruned, prune, save_pruned
-from LLMPruner.estimate import taylor_scores
-from LLMPruner.graph import discover
+from LLMPruner.score.estimate import taylor_scores
+from LLMPruner.discover import discover
 from LLMPruner.stream.discover import discover_streamed
 from LLMPruner.stream.memory import parse_memory
 from LLMPruner.stream.pipeline import prune_offloaded

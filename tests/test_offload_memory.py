@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from LLMPruner.estimate import taylor_scores
-from LLMPruner.graph import discover
+from LLMPruner.score.estimate import taylor_scores
+from LLMPruner.discover import discover
 from LLMPruner.stream import memory, states, taylor
 from LLMPruner.stream.weights import StateDictSource, skeleton
 

@@ -11,9 +11,9 @@ import torch
 from cli_helpers import run_cli
 from conftest import need_shared, tiny_model
 from LLMPruner import prune, save_pruned
-from LLMPruner.activations import consumers
-from LLMPruner.graph import discover
-from LLMPruner.obs_allocation import layer_grams
+from LLMPruner.score.activations import consumers
+from LLMPruner.discover import discover
+from LLMPruner.select.allocation import layer_grams
 from LLMPruner.stream.allocation import streamed_grams
 from LLMPruner.stream.apply import PassOptions
 from LLMPruner.stream.discover import discover_streamed

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_model
 from LLMPruner import load_pruned, prune, save_pruned
-from LLMPruner.sequential import calibration_loss
+from LLMPruner.compensate.sequential import calibration_loss
 from LLMPruner.stream.pipeline import prune_offloaded
 
 EXAMPLES = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(0))
@@ -77,7 +77,7 @@ def _never_worse(source, examples, tmp_path, caplog, pruner_type, ratio, comp, *
     kw = dict(examples=examples, pruner_type=pruner_type, pruning_ratio=ratio, calibration_batch_size=4, **ranges)
     prune_offloaded(source, save_to=tmp_path / "one", compensation=oneshot, **kw)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="LLMPruner.sequential"):
+    with caplog.at_level(logging.INFO, logger="LLMPruner.compensate.sequential"):
         prune_offloaded(source, save_to=tmp_path / "guarded", compensation=comp, sequential=True, **kw)
     found = [CHOICE.search(r.getMessage()) for r in caplog.records]
     (seq, one, kept), = [m.groups() for m in found if m]

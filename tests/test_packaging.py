@@ -30,6 +30,7 @@ def test_dependencies_are_requirements_txt_and_extras_are_the_optional_parts():
     assert meta["dependencies"] == requirements("requirements.txt")
     extras = meta["optional-dependencies"]
     assert extras["eval"] == ["lm-eval>=0.4.9"] and extras["ui"] == ["gradio>=4"]
+    assert extras["report"] == ["matplotlib>=3.7"]
     assert set(requirements("requirements-dev.txt")) <= set(extras["dev"])
 
 
@@ -37,11 +38,11 @@ def test_console_commands_run_the_checkout_scripts():
     from LLMPruner import entry_points
     scripts = project()["scripts"]
     assert set(scripts) == {"llmpruner-prune", "llmpruner-recover", "llmpruner-evaluate", "llmpruner-generate",
-                            "llmpruner-speedup"}
+                            "llmpruner-speedup", "llmpruner-compress"}
     for target in scripts.values():
         module, _, func = target.partition(":")
         assert callable(getattr(importlib.import_module(module), func))
-    for script in ("hf_prune.py", "post_training.py", "evaluate.py", "generate.py", "test_speedup.py"):
+    for script in ("hf_prune.py", "post_training.py", "evaluate.py", "generate.py", "test_speedup.py", "compress.py"):
         assert (entry_points.CHECKOUT / script).is_file()
 
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from LLMPruner.graph import discover
+from LLMPruner.discover import discover
 from LLMPruner.plan import PruningPlan
 from LLMPruner.prune import prune
-from LLMPruner.select import make_plan
+from LLMPruner.select.units import make_plan
 from LLMPruner.shrink import apply_plan, count_parameters
 from tolerance import assert_paths_agree, assert_same
 

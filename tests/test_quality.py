@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import need_shared, tiny_model
-from LLMPruner.budget import non_embedding_parameters
-from LLMPruner.compensate import CrossStats, reconstruction_objective, refit_layer
+from LLMPruner.select.budget import non_embedding_parameters
+from LLMPruner.compensate.refit import CrossStats, reconstruction_objective, refit_layer
 from LLMPruner.prune import prune
-from LLMPruner.select import removed_count
+from LLMPruner.select.units import removed_count
 from tolerance import assert_paths_agree
 
 EX = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -174,8 +174,8 @@ def test_smollm2_reference_flags_give_the_reference_parameter_counts():
 
 
 def test_taylor_gradient_in_chunks_equals_one_batch(monkeypatch):
-    import LLMPruner.estimate as est
-    from LLMPruner.graph import discover
+    import LLMPruner.score.estimate as est
+    from LLMPruner.discover import discover
     model = tiny_model()
     fams = discover(model).families
     ex = torch.randint(0, 64, (20, 16), generator=torch.Generator().manual_seed(3))

@@ -1,4 +1,4 @@
-"""Local MLP reconstruction after the sequential refit (LLMPruner/reconstruct.py, ``--reconstruct_steps``):
+"""Local MLP reconstruction after the sequential refit (LLMPruner/compensate/reconstruct.py, ``--reconstruct_steps``):
 it lowers the held-out reconstruction error, never raises it (a failed fit keeps the refit), changes only
 the pruned layers' MLPs and no structure, saves and reloads, and its flags are checked."""
 import copy
@@ -14,7 +14,7 @@ from cli_helpers import run_cli
 from conftest import need_shared, tiny_model
 from LLMPruner.checkpoint import load_pruned, save_pruned
 from LLMPruner.prune import prune
-from LLMPruner.reconstruct import Reconstruction, check_reconstruction, reconstruct_mlp
+from LLMPruner.compensate.reconstruct import Reconstruction, check_reconstruction, reconstruct_mlp
 from LLMPruner.shrink import count_parameters
 
 EX = torch.randint(0, 64, (32, 32), generator=torch.Generator().manual_seed(5))
@@ -69,7 +69,7 @@ def test_steps_stop_at_the_first_check_that_is_not_better():
 @pytest.mark.parametrize("errors, kept", [([1.0, 0.9, 0.8, 0.85, 0.95], False),  # up, but below the refit
                                           ([1.0, 0.9, 1.1], True)])               # above it at the 2nd look
 def test_the_steps_are_given_up_only_above_the_refits_error(monkeypatch, errors, kept):
-    import LLMPruner.reconstruct as R
+    import LLMPruner.compensate.reconstruct as R
     dense, pruned, x = _mlps(seed=3)
     saved = copy.deepcopy(pruned.state_dict())
     scripted, looks = iter(errors), []
@@ -156,7 +156,7 @@ def test_cli_refuses_bad_reconstruction_flags(tmp_path, extra, message):
 
 
 def test_cli_run_with_reconstruction_logs_each_layer_and_saves_a_model_that_loads(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="LLMPruner.reconstruct")
+    caplog.set_level(logging.INFO, logger="LLMPruner.compensate.reconstruct")
     stories = need_shared("models", "stories260K")
     text = need_shared("data", "tinystories", "tinystories_val.txt")
     argv = ["--base_model", str(stories), "--device", "cpu", "--eval_device", "cpu", "--pruner_type", "l2",
@@ -167,7 +167,7 @@ def test_cli_run_with_reconstruction_logs_each_layer_and_saves_a_model_that_load
     status, _, err = run_cli("hf_prune.py", argv)
     assert status == 0, err[-3000:]
     run_dir = tmp_path / "prune_log" / "rec"
-    lines = [r.getMessage() for r in caplog.records if r.name == "LLMPruner.reconstruct"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "LLMPruner.compensate.reconstruct"]
     assert [line.split(":")[0] for line in lines] == [f"model.layers.{i}.mlp" for i in (1, 2, 3)], lines
     results = json.loads((run_dir / "results.json").read_text())
     model, _ = load_pruned(run_dir)

@@ -4,8 +4,8 @@ a layer whose Gram one massive channel dominates (SmolLM2's attention-sink layer
 zero lost to plain slicing."""
 import torch
 
-from LLMPruner.compensate import CrossStats, reconstruction_objective, refit_layer, solve_refit
-from LLMPruner.obs import obs_select
+from LLMPruner.compensate.refit import CrossStats, reconstruction_objective, refit_layer, solve_refit
+from LLMPruner.select.obs import obs_select
 
 
 def _stats(x: torch.Tensor) -> CrossStats:

@@ -8,8 +8,8 @@ import pytest
 from cli_helpers import run_cli
 from test_cli_prune import run
 from conftest import need_shared, tiny_model
-from LLMPruner.budget import budget_for_target, non_embedding_parameters, parse_count, unit_cost
-from LLMPruner.graph import discover
+from LLMPruner.select.budget import budget_for_target, non_embedding_parameters, parse_count, unit_cost
+from LLMPruner.discover import discover
 from LLMPruner.prune import prune
 from LLMPruner.shrink import count_parameters
 
@@ -88,8 +88,8 @@ def test_cli_refuses_what_cannot_be_reached(tmp_path, extra, message):
 
 
 def test_a_budget_beyond_what_the_units_hold_is_refused_and_one_within_is_met_to_one_unit():
-    from LLMPruner.budget import BudgetError, unit_cost
-    from LLMPruner.graph import discover
+    from LLMPruner.select.budget import BudgetError, unit_cost
+    from LLMPruner.discover import discover
     from LLMPruner.prune import check_budget
     model = tiny_model()  # 3 layers, MLP 48 channels: one channel costs 3 x 32 parameters
     mlp = [f for f in discover(model).families if f.kind == "mlp" and f.layer in (1, 2)]

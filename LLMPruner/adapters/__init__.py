@@ -6,14 +6,14 @@ write back after shrinking.
 """
 from __future__ import annotations
 
-from .base import Adapter, UnsupportedArchitectureError
-from .bloom import BloomAdapter
-from .gemma import GemmaAdapter
-from .llama import CohereAdapter, GlmAdapter, LlamaAdapter, NonGatedAdapter, SinkAdapter
-from .moe import MlaMoeAdapter, MoeAdapter
-from .olmo import OlmoAdapter
-from .opt import OptAdapter
-from .phi3 import Phi3Adapter
+from LLMPruner.adapters.base import Adapter, UnsupportedArchitectureError
+from LLMPruner.adapters.bloom import BloomAdapter
+from LLMPruner.adapters.gemma import GemmaAdapter
+from LLMPruner.adapters.llama import CohereAdapter, GlmAdapter, LlamaAdapter, NonGatedAdapter, SinkAdapter
+from LLMPruner.adapters.moe import MlaMoeAdapter, MoeAdapter
+from LLMPruner.adapters.olmo import OlmoAdapter
+from LLMPruner.adapters.opt import OptAdapter
+from LLMPruner.adapters.phi3 import Phi3Adapter
 
 _ADAPTERS: dict[str, Adapter] = {}
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch.nn as nn
 
-from ..structure import ModelStructure
+from LLMPruner.structure import ModelStructure
 
 GroupKind = Literal["attention", "mlp", "hidden"]
 
@@ -41,7 +41,7 @@ class Adapter:
     module_kinds: dict[str, GroupKind] = {}
     #: every linear projection of a decoder layer (the default LoRA targets)
     lora_target_modules: tuple[str, ...] = ()
-    #: mixture-of-experts models: only whole experts are removed (``LLMPruner/experts.py``)
+    #: mixture-of-experts models: only whole experts are removed (``LLMPruner/experts/core.py``)
     experts_only: bool = False
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
-from ..structure import LayerShape, ModelStructure
-from .base import Adapter, constructible_heads
+from LLMPruner.structure import LayerShape, ModelStructure
+from LLMPruner.adapters.base import Adapter, constructible_heads
 
 
 def _alibi_pre_hook(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

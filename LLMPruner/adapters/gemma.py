@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..structure import ModelStructure
-from .llama import LlamaAdapter
+from LLMPruner.structure import ModelStructure
+from LLMPruner.adapters.llama import LlamaAdapter
 
 
 class GemmaAdapter(LlamaAdapter):

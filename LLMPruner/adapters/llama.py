@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..structure import LayerShape, ModelStructure
-from .base import Adapter, UnsupportedArchitectureError, constructible_heads
+from LLMPruner.structure import LayerShape, ModelStructure
+from LLMPruner.adapters.base import Adapter, UnsupportedArchitectureError, constructible_heads
 
 Projection = tuple[nn.Module, str, int, int]  # (parent module, attribute, fan_in, fan_out)
 

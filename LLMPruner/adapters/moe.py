@@ -1,7 +1,7 @@
 """Mixture-of-experts decoders in transformers 5's fused layout (``mlp.experts`` holding ``[E, ...]``
 parameters, a router ``mlp.gate`` / ``mlp.router`` of ``[E, hidden]``): Qwen2-MoE, Qwen3-MoE, Mixtral,
 OLMoE, GPT-OSS, PhiMoE, FlexOlmo, Command A MoE (``cohere2_moe``), GLM-4.5/4.6 (``glm4_moe``, group-limited
-routing with a score-correction bias), MiniMax-M2, Hunyuan-A13B (``hunyuan_v1_moe``). LLMPruner removes their whole experts (``LLMPruner/experts.py``, ``hf_prune.py
+routing with a score-correction bias), MiniMax-M2, Hunyuan-A13B (``hunyuan_v1_moe``). LLMPruner removes their whole experts (``LLMPruner/experts/core.py``, ``hf_prune.py
 --prune_experts``); heads, channels, the hidden size and layers of these models are not pruned
 (``experts_only``), so the shapes the config describes never change except the expert count, which
 ``remove_experts`` writes."""
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..structure import ModelStructure
-from .llama import LlamaAdapter
+from LLMPruner.structure import ModelStructure
+from LLMPruner.adapters.llama import LlamaAdapter
 
 
 class MoeAdapter(LlamaAdapter):

@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..structure import LayerShape, ModelStructure
-from .llama import LlamaAdapter
+from LLMPruner.structure import LayerShape, ModelStructure
+from LLMPruner.adapters.llama import LlamaAdapter
 
 
 class OlmoAdapter(LlamaAdapter):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..structure import LayerShape, ModelStructure
-from .base import Adapter, constructible_heads
+from LLMPruner.structure import LayerShape, ModelStructure
+from LLMPruner.adapters.base import Adapter, constructible_heads
 
 
 class OptAdapter(Adapter):

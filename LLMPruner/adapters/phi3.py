@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..structure import LayerShape
-from .llama import LlamaAdapter, Projection
+from LLMPruner.structure import LayerShape
+from LLMPruner.adapters.llama import LlamaAdapter, Projection
 
 
 class LayerConfig:

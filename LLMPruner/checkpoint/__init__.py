@@ -7,11 +7,11 @@ See docs/checkpoints.md.
 """
 from __future__ import annotations
 
-from .build import CheckpointError
-from .legacy import load_legacy_pickle
-from .load import load_model, load_pruned
-from .meta import convert_meta, load_meta
-from .save import save_pruned
+from LLMPruner.checkpoint.build import CheckpointError
+from LLMPruner.checkpoint.legacy import load_legacy_pickle
+from LLMPruner.checkpoint.load import load_model, load_pruned
+from LLMPruner.checkpoint.meta import convert_meta, load_meta
+from LLMPruner.checkpoint.save import save_pruned
 
 __all__ = ["CheckpointError", "convert_meta", "load_legacy_pickle", "load_meta", "load_model", "load_pruned",
            "save_pruned"]

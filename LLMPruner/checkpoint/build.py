@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..adapters import get_adapter
-from ..shrink import sync_module_sizes
+from LLMPruner.adapters import get_adapter
+from LLMPruner.shrink import sync_module_sizes
 
 
 class CheckpointError(ValueError):

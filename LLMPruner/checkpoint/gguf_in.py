@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .build import CheckpointError
-from .gguf_layers import has_per_layer_shapes, load_per_layer_gguf
+from LLMPruner.checkpoint.build import CheckpointError
+from LLMPruner.checkpoint.gguf_layers import has_per_layer_shapes, load_per_layer_gguf
 
 logger = logging.getLogger(__name__)
 

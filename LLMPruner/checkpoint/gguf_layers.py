@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import CheckpointError, model_from_state_dict
+from LLMPruner.checkpoint.build import CheckpointError, model_from_state_dict
 
 logger = logging.getLogger(__name__)
 

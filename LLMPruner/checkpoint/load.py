@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import get_adapter
-from ..cli import looks_local
-from .build import CheckpointError, model_from_state_dict, stock_shapes
-from .gguf_in import gguf_file_of, load_gguf
-from .legacy import is_legacy_pickle, load_legacy_pickle
-from .meta import is_meta_folder, load_meta
-from .modeling_pruned import PRUNED_CLASSES
-from .multimodal import config_to_prune, text_only_model
-from .save import PRUNING_FILE, sha256_file
+from LLMPruner.adapters import get_adapter
+from LLMPruner.cli import looks_local
+from LLMPruner.checkpoint.build import CheckpointError, model_from_state_dict, stock_shapes
+from LLMPruner.checkpoint.gguf_in import gguf_file_of, load_gguf
+from LLMPruner.checkpoint.legacy import is_legacy_pickle, load_legacy_pickle
+from LLMPruner.checkpoint.meta import is_meta_folder, load_meta
+from LLMPruner.checkpoint.modeling_pruned import PRUNED_CLASSES
+from LLMPruner.checkpoint.multimodal import config_to_prune, text_only_model
+from LLMPruner.checkpoint.save import PRUNING_FILE, sha256_file
 
 logger = logging.getLogger(__name__)
 

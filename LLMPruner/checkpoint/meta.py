@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .build import CheckpointError, model_from_state_dict
+from LLMPruner.checkpoint.build import CheckpointError, model_from_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import logging
 
 import torch.nn as nn
 
-from ..stream.weights import WeightSource
-from .build import CheckpointError
+from LLMPruner.stream.weights import WeightSource
+from LLMPruner.checkpoint.build import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .. import __version__
-from ..adapters import get_adapter
-from . import modeling_pruned
-from .build import stock_shapes, tied_keys
+from LLMPruner import __version__
+from LLMPruner.adapters import get_adapter
+from LLMPruner.checkpoint import modeling_pruned
+from LLMPruner.checkpoint.build import stock_shapes, tied_keys
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def save_pruned(model: nn.Module, tokenizer, folder: str | Path, provenance: dic
     """Write ``model`` and ``tokenizer`` to ``folder`` atomically; returns the folder.
 
     ``provenance`` (base model, flags, parameter counts, ...) is stored in ``pruning.json`` as given.
-    ``round_to`` is only recorded: rounding happens when the pruning plan is selected (``LLMPruner.select``),
+    ``round_to`` is only recorded: rounding happens when the pruning plan is selected (``LLMPruner.select.units``),
     which also warns about the pruned layers it could not round (the saver cannot tell a pruned layer from
     one that was left alone, whose width need not be a multiple).
     ``weights_writer(tmp)``, when given, writes the ``model*.safetensors`` files instead of

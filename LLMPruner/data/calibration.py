@@ -10,7 +10,7 @@ import random
 
 import torch
 
-from .text import is_local_source, read_documents, read_hf_documents
+from LLMPruner.data.text import is_local_source, read_documents, read_hf_documents
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ def load_for_eval(spec: CheckpointSpec, device: str = "cpu", dtype: "torch.dtype
                   allow_pickle: bool = False):
     """``(model, tokenizer)`` of a spec, with its LoRA adapter merged when given (``allow_pickle``: see
     ``load_model``)."""
-    from ..checkpoint import load_model
+    from LLMPruner.checkpoint import load_model
     # text tasks read only the language model of an image-text checkpoint (the same logits on text)
     model, tokenizer = load_model(spec.model, device=device, dtype=dtype, allow_pickle=allow_pickle, text_only=True)
     if spec.lora:

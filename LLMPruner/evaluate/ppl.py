@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.text import read_hf_documents
+from LLMPruner.data.text import read_hf_documents
 
 logger = logging.getLogger(__name__)
 
 Protocol = Literal["reference", "sliding"]
-from ..options import PROTOCOLS  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import PROTOCOLS  # noqa: E402,F401  (re-exported)
 
-from ..options import PPL_DATASETS  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import PPL_DATASETS  # noqa: E402,F401  (re-exported)
 
 
 def load_ppl_text(name: str, data_dir: str | Path | None = None) -> str:

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn as nn
 
-from ..adapters import get_adapter
+from LLMPruner.adapters import get_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def model_bytes(model: nn.Module) -> int:
 def count_macs(model: nn.Module, seq_len: int) -> dict[str, int]:
     """``{"linear", "attention", "experts", "total"}`` multiply-accumulates of one forward pass over ``seq_len``
     tokens (``experts``: the mixture-of-experts layers' routers and the ``top_k`` experts each token runs)."""
-    from ..experts import moe_layers
+    from LLMPruner.experts.core import moe_layers
     linear = seq_len * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     structure = get_adapter(model).read_structure(model)
     attention = sum(2 * s.num_attention_heads * structure.head_dim * seq_len * seq_len

@@ -6,7 +6,7 @@ Gradio is optional (``pip install -e .[ui]``); only this module imports it. ``bu
 from __future__ import annotations
 
 import logging
-from .generate import SamplingConfig, generate
+from LLMPruner.evaluate.generate import SamplingConfig, generate
 
 logger = logging.getLogger(__name__)
 

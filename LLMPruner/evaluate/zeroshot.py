@@ -21,7 +21,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-from ..options import PAPER_TASKS  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import PAPER_TASKS  # noqa: E402,F401  (re-exported)
 METRICS = ("acc", "acc_norm")
 
 

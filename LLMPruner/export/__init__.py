@@ -4,7 +4,7 @@ See docs/gguf.md and ``python export.py --help``.
 """
 from __future__ import annotations
 
-from .gguf_arch import TARGETS, GGUFExportError, check_gguf_exportable, choose_target
-from .gguf_out import OUTTYPES, export_gguf
+from LLMPruner.export.gguf_arch import TARGETS, GGUFExportError, check_gguf_exportable, choose_target
+from LLMPruner.export.gguf_out import OUTTYPES, export_gguf
 
 __all__ = ["OUTTYPES", "TARGETS", "GGUFExportError", "check_gguf_exportable", "choose_target", "export_gguf"]

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..adapters import get_adapter
-from ..checkpoint.build import tied_keys
-from ..structure import ModelStructure
-from .gguf_arch import GGUFExportError, Target, choose_target
-from .gguf_vocab import add_tokenizer
+from LLMPruner.adapters import get_adapter
+from LLMPruner.checkpoint.build import tied_keys
+from LLMPruner.structure import ModelStructure
+from LLMPruner.export.gguf_arch import GGUFExportError, Target, choose_target
+from LLMPruner.export.gguf_vocab import add_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gguf
 
-from .gguf_arch import GGUFExportError
+from LLMPruner.export.gguf_arch import GGUFExportError
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from .prompts import Prompter
+from LLMPruner.recover.prompts import Prompter
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def build_text_eval_dataset(name: str, tokenizer, seq_len: int, data_dir: str | 
     """Language-modelling windows of a perplexity corpus (``wikitext2``, ``ptb`` or a text file)."""
     from datasets import Dataset
 
-    from ..evaluate.ppl import load_ppl_text
+    from LLMPruner.evaluate.ppl import load_ppl_text
     ids = tokenizer(load_ppl_text(name, data_dir), return_tensors="pt").input_ids[0]
     n = ids.numel() // seq_len
     if max_windows is not None:

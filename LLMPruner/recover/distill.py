@@ -17,8 +17,8 @@ from typing import Callable, Literal
 
 import torch
 
-from .data import IGNORE_INDEX
-from .kd_loss import KDLoss, chunked_kd_loss
+from LLMPruner.recover.data import IGNORE_INDEX
+from LLMPruner.recover.kd_loss import KDLoss, chunked_kd_loss
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def prepare_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
 
 def distill_trainer_class(teacher: torch.nn.Module, config: DistillConfig):
     """A ``RecoveryTrainer`` subclass (NaN guard included) that trains on the KD loss of ``config``."""
-    from .train import _trainer_class
+    from LLMPruner.recover.train import _trainer_class
 
     class DistillTrainer(_trainer_class()):
         loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean

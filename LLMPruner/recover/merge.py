@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import get_adapter
-from ..checkpoint import load_model, save_pruned
+from LLMPruner.adapters import get_adapter
+from LLMPruner.checkpoint import load_model, save_pruned
 
 logger = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ import os
 
 import torch
 
-from ..adapters import get_adapter
-from ..checkpoint import load_model
-from ..evaluate.ppl import evaluate_ppl
-from . import (RecoveryConfig, build_instruction_datasets, build_text_eval_dataset, build_trainer, default_dtype,
+from LLMPruner.adapters import get_adapter
+from LLMPruner.checkpoint import load_model
+from LLMPruner.evaluate.ppl import evaluate_ppl
+from LLMPruner.recover import (RecoveryConfig, build_instruction_datasets, build_text_eval_dataset, build_trainer, default_dtype,
                last_complete_checkpoint, merge_adapter, reporting_disk_full, save_merged)
-from .distill import DistillConfig, distill_trainer_class
-from .packing import build_packed_datasets
+from LLMPruner.recover.distill import DistillConfig, distill_trainer_class
+from LLMPruner.recover.packing import build_packed_datasets
 
 logger = logging.getLogger("post_training")
 
@@ -46,7 +46,7 @@ def distill_trainer(args: argparse.Namespace, dtype: torch.dtype):
 
 def save_full(model, tokenizer, args: argparse.Namespace, dtype: torch.dtype):
     """--train_mode full: the trained weights, as a pruned checkpoint in OUTPUT_DIR/merged."""
-    from ..checkpoint import save_pruned
+    from LLMPruner.checkpoint import save_pruned
     model = model.to(dtype)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = None  # a pad id set for training is no generation default
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     report.update(train_loss=result.training_loss, global_step=trainer.state.global_step,
                   best_checkpoint=trainer.state.best_model_checkpoint,
-                  train_runtime_s=result.metrics.get("train_runtime"))
+                  train_runtime_s=result.metrics.get("train_runtime"),
+                  log_history=trainer.state.log_history)  # the loss curve (KL and CE with distillation)
 
     # 4. adapter (best by validation loss when there is one), merged model, report
     if trainer.is_world_process_zero():

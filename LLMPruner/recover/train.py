@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from .data import IGNORE_INDEX
+from LLMPruner.recover.data import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..activations import consumers
-from ..adapters import get_adapter
-from ..graph import Family
-from ..obs_allocation import stream_grams
-from .apply import PassOptions, embed
-from .weights import Part, WeightSource, layers_prefix
+from LLMPruner.score.activations import consumers
+from LLMPruner.adapters import get_adapter
+from LLMPruner.discover import Family
+from LLMPruner.select.allocation import stream_grams
+from LLMPruner.stream.apply import PassOptions, embed
+from LLMPruner.stream.weights import Part, WeightSource, layers_prefix
 
 
 def streamed_grams(model: nn.Module, source: WeightSource, families: list[Family], examples: torch.Tensor,

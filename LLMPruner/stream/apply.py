@@ -31,20 +31,20 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..activations import activation_channel_scores, consumers, input_stats_hook
-from ..adapters import get_adapter
-from ..checkpoint.build import tied_keys
-from ..compensate import Compensation, add_biases, compensate
-from ..estimate import Grouping, unit_scores
-from ..graph import Family
-from ..plan import PruningPlan
-from ..select import make_plan
-from ..reconstruct import Reconstruction
-from ..sequential import Reselect, log_choice, reconstruct_mlps, refit_sequential_layer
-from ..shrink import apply_plan
-from .states import LayerCall, StateStore, capture, mean_head_loss
-from .weights import Part, WeightSource, layers_prefix
-from .writer import ShardWriter
+from LLMPruner.score.activations import activation_channel_scores, consumers, input_stats_hook
+from LLMPruner.adapters import get_adapter
+from LLMPruner.checkpoint.build import tied_keys
+from LLMPruner.compensate.refit import Compensation, add_biases, compensate
+from LLMPruner.score.estimate import Grouping, unit_scores
+from LLMPruner.discover import Family
+from LLMPruner.plan import PruningPlan
+from LLMPruner.select.units import make_plan
+from LLMPruner.compensate.reconstruct import Reconstruction
+from LLMPruner.compensate.sequential import Reselect, log_choice, reconstruct_mlps, refit_sequential_layer
+from LLMPruner.shrink import apply_plan
+from LLMPruner.stream.states import LayerCall, StateStore, capture, mean_head_loss
+from LLMPruner.stream.weights import Part, WeightSource, layers_prefix
+from LLMPruner.stream.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Discovery without the weights: trace a one-layer model of the same widths, then repeat its layer.
 
-``LLMPruner.graph.discover`` traces a real forward pass, which needs real tensors. For a model that does
+``LLMPruner.discover.discover`` traces a real forward pass, which needs real tensors. For a model that does
 not fit, we trace a *template*: the same config with one decoder layer and a tiny vocabulary (the
 vocabulary dim is never prunable and no family's indices depend on it), then rename the layer-0 members
 for every layer. Valid for uniform models (every decoder layer the same shape), which is what
@@ -13,11 +13,11 @@ import logging
 
 import torch.nn as nn
 
-from ..adapters import get_adapter
-from ..graph import discover
-from ..graph.groups import Discovery
-from ..graph.groups import Family, Member
-from .weights import layers_prefix
+from LLMPruner.adapters import get_adapter
+from LLMPruner.discover import discover
+from LLMPruner.discover.groups import Discovery
+from LLMPruner.discover.groups import Family, Member
+from LLMPruner.stream.weights import layers_prefix
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint.build import CheckpointError
-from ..checkpoint.gguf_layers import dequantized, gguf_field, gguf_to_hf
-from .weights import WeightSource
+from LLMPruner.checkpoint.build import CheckpointError
+from LLMPruner.checkpoint.gguf_layers import dequantized, gguf_field, gguf_to_hf
+from LLMPruner.stream.weights import WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class GGUFSource(WeightSource):
 def open_gguf(file: Path):
     """``(GGUFSource, tokenizer, config)`` for a uniform llama GGUF, or ``None`` (the whole-model path)."""
     from transformers import AutoConfig, AutoTokenizer
-    from ..checkpoint.gguf_layers import has_per_layer_shapes
+    from LLMPruner.checkpoint.gguf_layers import has_per_layer_shapes
     if has_per_layer_shapes(file):
         return None
     config = AutoConfig.from_pretrained(str(file.parent), gguf_file=file.name)

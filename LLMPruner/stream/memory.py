@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-from ..options import parse_memory  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import parse_memory  # noqa: E402,F401  (re-exported)
 
 
 def host_rss(kind: str = "VmRSS") -> int:

@@ -17,26 +17,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..activations import consumers
-from ..adapters import get_adapter
-from ..budget import BudgetCriterion, choose_by_budget, non_embedding_parameters
-from ..checkpoint import save_pruned
-from ..compensate import Compensation
-from ..estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
-from ..obs import DAMP, Selection, check_selection, obs_reselect
-from ..obs_allocation import Allocation, obs_counts
-from ..plan import PruningPlan
-from ..prune import ACTIVATION_PRUNERS, Mode, _check, _check_tokens, _targets, widest_input
-from ..reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
-from ..select import Rounding, choose, make_plan
-from ..structure import ModelStructure
-from .allocation import streamed_grams
-from .apply import PassOptions, streamed_apply
-from .discover import discover_streamed
-from .memory import parse_memory, process_peak_rss, return_freed_memory, stage
-from .states import StateStore
-from .taylor import streamed_taylor_scores
-from .weights import Part, SafetensorsSource, StateDictSource, WeightSource, layers_prefix, skeleton, \
+from LLMPruner.score.activations import consumers
+from LLMPruner.adapters import get_adapter
+from LLMPruner.select.budget import BudgetCriterion, choose_by_budget, non_embedding_parameters
+from LLMPruner.checkpoint import save_pruned
+from LLMPruner.compensate.refit import Compensation
+from LLMPruner.score.estimate import Grouping, TaylorMode, channel_reduce, slots_of, unit_scores
+from LLMPruner.select.obs import DAMP, Selection, check_selection, obs_reselect
+from LLMPruner.select.allocation import Allocation, obs_counts
+from LLMPruner.plan import PruningPlan
+from LLMPruner.prune import ACTIVATION_PRUNERS, Mode, _check, _check_tokens, _targets, widest_input
+from LLMPruner.compensate.reconstruct import LR as RECONSTRUCT_LR, Reconstruction, check_reconstruction
+from LLMPruner.select.units import Rounding, choose, make_plan
+from LLMPruner.structure import ModelStructure
+from LLMPruner.stream.allocation import streamed_grams
+from LLMPruner.stream.apply import PassOptions, streamed_apply
+from LLMPruner.stream.discover import discover_streamed
+from LLMPruner.stream.memory import parse_memory, process_peak_rss, return_freed_memory, stage
+from LLMPruner.stream.states import StateStore
+from LLMPruner.stream.taylor import streamed_taylor_scores
+from LLMPruner.stream.weights import Part, SafetensorsSource, StateDictSource, WeightSource, layers_prefix, skeleton, \
     skeleton_from_folder
 
 logger = logging.getLogger(__name__)
@@ -60,12 +60,12 @@ def open_source(name_or_path: str | Path, dtype: torch.dtype | str = "auto", *, 
     (``gguf_source.GGUFSource``); anything else (other GGUFs, Meta layout, a Hub id) is loaded once on the
     CPU, and its CPU copy is the source (host memory, but never more than one layer on the device)."""
     from transformers import AutoConfig, AutoTokenizer
-    from ..checkpoint import load_model
-    from ..checkpoint.gguf_in import gguf_file_of
-    from ..checkpoint.load import has_tokenizer
-    from ..checkpoint.multimodal import TextOnlySource, config_to_prune, streamed_text_config
-    from .gguf_source import open_gguf
-    from .weights import SafetensorsSource, is_safetensors_folder
+    from LLMPruner.checkpoint import load_model
+    from LLMPruner.checkpoint.gguf_in import gguf_file_of
+    from LLMPruner.checkpoint.load import has_tokenizer
+    from LLMPruner.checkpoint.multimodal import TextOnlySource, config_to_prune, streamed_text_config
+    from LLMPruner.stream.gguf_source import open_gguf
+    from LLMPruner.stream.weights import SafetensorsSource, is_safetensors_folder
     if is_safetensors_folder(name_or_path):
         full = AutoConfig.from_pretrained(name_or_path)
         config = config_to_prune(full, text_only, str(name_or_path))
@@ -183,7 +183,7 @@ def prune_offloaded(model_or_folder: nn.Module | WeightSource | str | Path, *, s
         Path(save_to).mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".llmpruner-stream-", dir=save_to)) if save_to is not None else None
     try:
-        from .writer import ShardWriter
+        from LLMPruner.stream.writer import ShardWriter
         writer = ShardWriter(staging, len(get_adapter(model).decoder_layers(model)) + 1) if staging else None
         with stage("prune+write (layers)", device, peaks):
             opts.metric = pruner_type if per_layer else None
@@ -224,7 +224,7 @@ def reconstruct_bytes(model: nn.Module, targets, examples: torch.Tensor | None) 
     """Device memory ``--reconstruct_steps`` adds to a layer's stage beyond the dense copy of the layer
     (counted as a second candidate): the widest MLP's float32 working copy, gradients and Adam's two
     moments, and the float32 inputs and targets of at most ``reconstruct.MAX_TOKENS`` tokens."""
-    from ..reconstruct import MAX_TOKENS
+    from LLMPruner.compensate.reconstruct import MAX_TOKENS
     mlps = {n.rpartition(".")[0].rpartition(".")[0] for n in consumers(model, targets)
             if get_adapter(model).kind_of(n) == "mlp"}
     widest = max((sum(p.numel() for p in model.get_submodule(m).parameters()) for m in mlps), default=0)

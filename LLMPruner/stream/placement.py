@@ -14,12 +14,12 @@ import logging
 import torch
 import torch.nn as nn
 
-from .memory import parse_memory
+from LLMPruner.stream.memory import parse_memory
 
 logger = logging.getLogger(__name__)
 
 
-from ..options import parse_device_map  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import parse_device_map  # noqa: E402,F401  (re-exported)
 
 
 def device_budget(max_memory: str | int | None) -> dict | None:

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
-from ..estimate import Slot, TaylorAccumulator, TaylorMode, slots_of
-from ..graph import Family
-from .states import LayerCall, StateStore, capture, sliced_head_losses
-from .weights import Part, WeightSource, layers_prefix
+from LLMPruner.adapters import get_adapter
+from LLMPruner.score.estimate import Slot, TaylorAccumulator, TaylorMode, slots_of
+from LLMPruner.discover import Family
+from LLMPruner.stream.states import LayerCall, StateStore, capture, sliced_head_losses
+from LLMPruner.stream.weights import Part, WeightSource, layers_prefix
 
 logger = logging.getLogger(__name__)
 

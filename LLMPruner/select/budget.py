@@ -27,13 +27,13 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .graph import Family
-from .select import channels_per_unit
+from LLMPruner.discover import Family
+from LLMPruner.select.units import channels_per_unit
 
 logger = logging.getLogger(__name__)
 
 BudgetCriterion = Literal["uniform", "per_param", "zscore"]
-from .options import BUDGET_CRITERIA, parse_count  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import BUDGET_CRITERIA, parse_count  # noqa: E402,F401  (re-exported)
 
 def unit_cost(model: nn.Module, fam: Family) -> int:
     """Parameters removed with one unit of ``fam``."""
@@ -176,8 +176,8 @@ def _rivals(families: list[Family]) -> dict[str, list[str]]:
 def added_bias_parameters(model: nn.Module, families: list[Family], removed: dict[str, list[int]]) -> int:
     """Parameters of the bias tensors ``--compensation bias`` would add for ``removed``: the adapter
     switches biases on for every projection of each compensated kind (zero where nothing was removed)."""
-    from .adapters import get_adapter
-    from .select import make_plan
+    from LLMPruner.adapters import get_adapter
+    from LLMPruner.select.units import make_plan
     adapter = get_adapter(model)
     plan = make_plan(model, families, removed)
     kinds = {adapter.kind_of(p) for p, dims in plan.keep.items() if 1 in dims}

@@ -30,13 +30,13 @@ from typing import Callable, Literal
 import torch
 import torch.nn as nn
 
-from .compensate import CrossStats, linalg_place
-from .graph import Family
+from LLMPruner.compensate.refit import CrossStats, linalg_place
+from LLMPruner.discover import Family
 
 logger = logging.getLogger(__name__)
 
 Selection = Literal["score", "obs"]
-from .options import DAMP, SELECTIONS, check_selection  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import DAMP, SELECTIONS, check_selection  # noqa: E402,F401  (re-exported)
 
 
 def damped(gram: torch.Tensor, damp: float = DAMP) -> tuple[torch.Tensor, float]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .experts import ExpertPruningError, set_expert_count
+from LLMPruner.experts.core import ExpertPruningError, set_expert_count
 
 logger = logging.getLogger(__name__)
 

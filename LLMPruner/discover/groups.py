@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..adapters import get_adapter
-from .trace import trace
+from LLMPruner.adapters import get_adapter
+from LLMPruner.discover.trace import trace
 
 logger = logging.getLogger(__name__)
 

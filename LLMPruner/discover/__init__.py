@@ -5,6 +5,6 @@
 into groups of ``(parameter, dim, indices)``. No module name appears here: the adapter only names what a
 group is (attention / mlp / hidden) and where the decoder layers are.
 """
-from .groups import Family, Member, discover
+from LLMPruner.discover.groups import Family, Member, discover
 
 __all__ = ["Family", "Member", "discover"]

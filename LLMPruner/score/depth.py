@@ -18,13 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter
-from .plan import PruningPlan
+from LLMPruner.adapters import get_adapter
+from LLMPruner.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
 LayerImportance = Literal["block_influence", "ppl", "taylor"]
-from .options import LAYER_IMPORTANCES  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import LAYER_IMPORTANCES  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()

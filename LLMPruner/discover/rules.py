@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .ids import NO_ID, IdSpace
+from LLMPruner.discover.ids import NO_ID, IdSpace
 
 MOVE = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous",
         "flatten", "unflatten", "__getitem__", "narrow", "split", "chunk", "cat", "concat", "concatenate",

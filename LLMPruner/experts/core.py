@@ -33,12 +33,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .plan import PruningPlan
+from LLMPruner.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
 ExpertImportance = Literal["reap", "frequency", "random"]
-from .options import EXPERT_IMPORTANCES  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import EXPERT_IMPORTANCES  # noqa: E402,F401  (re-exported)
 #: config (and module) attributes holding the expert count, in the order they are looked for
 COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 

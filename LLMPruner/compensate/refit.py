@@ -27,14 +27,14 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .activations import InputStats
-from .adapters import get_adapter
-from .plan import PruningPlan
+from LLMPruner.score.activations import InputStats
+from LLMPruner.adapters import get_adapter
+from LLMPruner.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
 Compensation = Literal["none", "bias", "refit", "refit_oneshot"]
-from .options import COMPENSATIONS, ONESHOT_REFIT  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import COMPENSATIONS, ONESHOT_REFIT  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .graph import Family
+from LLMPruner.discover import Family
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .graph import Family, Member
+from LLMPruner.discover import Family, Member
 
 
 def heads_per_group(att: Family) -> int:

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .graph import Family
-from .options import GROUPINGS, PRUNER_TYPES, TAYLOR_MODES  # noqa: F401  (re-exported)
+from LLMPruner.discover import Family
+from LLMPruner.options import GROUPINGS, PRUNER_TYPES, TAYLOR_MODES  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from . import rules
-from .ids import IdSpace
+from LLMPruner.discover import rules
+from LLMPruner.discover.ids import IdSpace
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +160,6 @@ def trace(model: nn.Module, input_ids: torch.Tensor) -> Tracer:
         raise UnknownOpError(
             "discovery does not know how channels flow through these torch ops: "
             + ", ".join(f"{k} (x{v})" for k, v in sorted(tracer.unknown.items()))
-            + "; add a rule in LLMPruner/graph/rules.py")
+            + "; add a rule in LLMPruner/discover/rules.py")
     tracer.output_ids = tracer.shadow_of(logits)
     return tracer

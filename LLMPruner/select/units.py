@@ -17,13 +17,13 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .graph import Family
-from .plan import PruningPlan
+from LLMPruner.discover import Family
+from LLMPruner.plan import PruningPlan
 
 logger = logging.getLogger(__name__)
 
 Rounding = Literal["reference", "nearest"]
-from .options import ROUNDINGS  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import ROUNDINGS  # noqa: E402,F401  (re-exported)
 
 
 def removed_count(n_now: int, n0: int, ratio: float, channels_per_unit: int = 1,

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 logger = logging.getLogger(__name__)
 
-from .options import RECONSTRUCT_LR as LR, check_reconstruction  # noqa: E402,F401  (one definition, options.py)
+from LLMPruner.options import RECONSTRUCT_LR as LR, check_reconstruction  # noqa: E402,F401  (one definition, options.py)
 MAX_TOKENS = 65_536
 
 

@@ -29,15 +29,15 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .activations import InputStats, activation_channel_scores
-from .adapters import get_adapter
-from .compensate import CrossStats, linalg_place, refit_layer
-from .estimate import unit_scores
-from .graph import Family
-from .plan import PruningPlan
-from .reconstruct import Reconstruction, reconstruct_layer, streams_runner
-from .select import make_plan
-from .shrink import apply_plan
+from LLMPruner.score.activations import InputStats, activation_channel_scores
+from LLMPruner.adapters import get_adapter
+from LLMPruner.compensate.refit import CrossStats, linalg_place, refit_layer
+from LLMPruner.score.estimate import unit_scores
+from LLMPruner.discover import Family
+from LLMPruner.plan import PruningPlan
+from LLMPruner.compensate.reconstruct import Reconstruction, reconstruct_layer, streams_runner
+from LLMPruner.select.units import make_plan
+from LLMPruner.shrink import apply_plan
 
 logger = logging.getLogger(__name__)
 

@@ -24,18 +24,18 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .activations import consumers
-from .adapters import get_adapter
-from .budget import unit_cost
-from .compensate import linalg_place
-from .graph import Family
-from .obs import DAMP, consumer_columns, obs_select
-from .sequential import layer_inputs
+from LLMPruner.score.activations import consumers
+from LLMPruner.adapters import get_adapter
+from LLMPruner.select.budget import unit_cost
+from LLMPruner.compensate.refit import linalg_place
+from LLMPruner.discover import Family
+from LLMPruner.select.obs import DAMP, consumer_columns, obs_select
+from LLMPruner.compensate.sequential import layer_inputs
 
 logger = logging.getLogger(__name__)
 
 Allocation = Literal["uniform", "residual"]
-from .options import ALLOCATIONS  # noqa: E402,F401  (re-exported)
+from LLMPruner.options import ALLOCATIONS  # noqa: E402,F401  (re-exported)
 
 
 @torch.no_grad()
