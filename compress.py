@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--export", default="gguf", choices=("gguf", "safetensors", "none"), help="the deliverable's format")
     a("--ppl", nargs="*", default=["wikitext2", "ptb"], help="perplexity texts (names or files)")
     a("--data_dir", default=None, help="local folder with wikitext2/ and ptb/ (offline)")
+    a("--ppl_windows", type=int, default=None, help="the first N windows of each text (default: all)")
     a("--tasks", default="", help="lm-eval zero-shot tasks, e.g. piqa,arc_easy (empty: none)")
     a("--zeroshot_dir", default=None, help="local task files (offline)")
     a("--limit", type=int, default=None, help="first N examples of each task")
@@ -63,7 +64,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     """Everything checkable before the first stage: sizes, files, folders, tasks; the model's size last."""
     if args.target_params is None and args.param_budget is None and args.pruning_ratio is None:
         raise cli.UsageError("--target_params, --param_budget or --pruning_ratio: give the size to prune to")
-    for flag in ("recover_tokens", "block_tokens", "curve_points", "limit"):
+    for flag in ("recover_tokens", "block_tokens", "curve_points", "limit", "ppl_windows"):
         cli.check_min(f"--{flag}", getattr(args, flag), 1)
     cli.check_source("--base_model", args.base_model, "model", "--base_model ../shared/models/stories260K")
     cli.check_source("--calibration_data", args.calibration_data, "dataset",

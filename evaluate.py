@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=128)
     p.add_argument("--ppl_protocol", choices=PROTOCOLS, default="reference")
     p.add_argument("--ppl_stride", type=int, default=None, help="sliding protocol stride (default seq/2)")
+    p.add_argument("--ppl_windows", type=int, default=None,
+                   help="reference protocol: the first N windows only (bench/smollm2.py's tables: 160)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated lm-eval tasks, or '' (default: {','.join(PAPER_TASKS)} when lm-eval "
                         "is installed, else none: perplexity only)")
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_inputs(args: argparse.Namespace) -> None:
     """Flags checked before any model loads (the task names are checked in main, which needs lm-eval)."""
     args.device = cli.check_device("--device", args.device or cli.default_device())
-    for flag in ("max_seq_len", "limit", "batch_size", "ppl_stride", "zeroshot_max_length"):
+    for flag in ("max_seq_len", "limit", "batch_size", "ppl_stride", "zeroshot_max_length", "ppl_windows"):
         cli.check_min(f"--{flag}", getattr(args, flag), 1)
     if args.tasks is None:
         lm_eval = importlib.util.find_spec("lm_eval") is not None
@@ -102,7 +104,8 @@ def evaluate_one(model, tokenizer, args: argparse.Namespace, tasks: list[str]) -
     row: dict = {}
     if args.ppl:
         row["ppl"] = evaluate_ppl(model, tokenizer, args.ppl, args.max_seq_len, args.batch_size,
-                                  args.data_dir, args.device, protocol=args.ppl_protocol, stride=args.ppl_stride)
+                                  args.data_dir, args.device, protocol=args.ppl_protocol, stride=args.ppl_stride,
+                                  max_windows=args.ppl_windows)
     if tasks:
         row["zeroshot"] = evaluate_zeroshot(model, tokenizer, tasks, data_dir=args.zeroshot_dir,
                                             limit=args.limit, batch_size=args.batch_size,

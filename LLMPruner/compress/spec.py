@@ -57,6 +57,7 @@ class CompressSpec:
     zeroshot_dir: str | None = None
     limit: int | None = None
     eval_seq_len: int = 128
+    ppl_windows: int | None = None                        # the first N windows of each text (None: all)
     device: str | None = None
     launcher: str = ""                                    # e.g. "torchrun --nproc_per_node 4"
     extra_prune_flags: list[str] = field(default_factory=list)
@@ -126,7 +127,7 @@ def evaluate_argv(spec: CompressSpec, checkpoints: dict[str, str], output: Path,
             "--max_seq_len", str(spec.eval_seq_len), "--output_dir", str(output), "--overwrite", "--no_latency",
             "--tasks", spec.tasks if tasks else ""]
     for flag, value in (("--data_dir", spec.data_dir), ("--zeroshot_dir", spec.zeroshot_dir),
-                        ("--limit", spec.limit), ("--device", spec.device)):
+                        ("--limit", spec.limit), ("--device", spec.device), ("--ppl_windows", spec.ppl_windows)):
         if value is not None:
             argv += [flag, str(value)]
     return argv

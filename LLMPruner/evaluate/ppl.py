@@ -54,21 +54,26 @@ def load_ppl_text(name: str, data_dir: str | Path | None = None) -> str:
 _TEXTS = {"wikitext2": "WikiText-2 test split", "ptb": "PTB validation split (the paper's)"}
 
 
-def describe_ppl(name: str, seq_len: int, protocol: Protocol = "reference", stride: int | None = None) -> str:
+def describe_ppl(name: str, seq_len: int, protocol: Protocol = "reference", stride: int | None = None,
+                 max_windows: int | None = None) -> str:
     """Which text and windows a perplexity figure of ``evaluate_ppl`` is, in one line: the whole split,
     tokenized once, in every window (``bench/smollm2.py``'s protocol figures use the first 160 windows of
     WikiText-2 test and PTB *test* instead, so the two differ)."""
     text = _TEXTS.get(name, f"the file {name}")
-    windows = (f"all non-overlapping {seq_len}-token windows" if protocol == "reference" else
+    first = f"the first {max_windows}" if max_windows else "all"
+    windows = (f"{first} non-overlapping {seq_len}-token windows" if protocol == "reference" else
                f"{seq_len}-token windows moved by {stride or max(seq_len // 2, 1)} tokens (sliding)")
-    return f"{text}, whole, rows joined by blank lines; {windows}; PPL = exp(mean next-token NLL)"
+    whole = "whole, " if not max_windows else ""
+    return f"{text}, {whole}rows joined by blank lines; {windows}; PPL = exp(mean next-token NLL)"
 
 
 @torch.no_grad()
 def perplexity(model, input_ids: torch.Tensor, seq_len: int, batch_size: int = 4,
-               device: str | torch.device | None = None, desc: str = "ppl") -> float:
-    """Perplexity of ``input_ids`` (1-D) over non-overlapping windows of ``seq_len`` tokens."""
+               device: str | torch.device | None = None, desc: str = "ppl", max_windows: int | None = None) -> float:
+    """Perplexity of ``input_ids`` (1-D) over non-overlapping windows of ``seq_len`` tokens (the first
+    ``max_windows`` of them when given)."""
     n = input_ids.numel() // seq_len
+    n = n if max_windows is None else min(n, max_windows)
     if n == 0:
         raise ValueError(f"text has {input_ids.numel()} tokens, fewer than one window of {seq_len}")
     windows = input_ids[: n * seq_len].view(n, seq_len)
@@ -118,8 +123,9 @@ def sliding_perplexity(model, input_ids: torch.Tensor, seq_len: int, stride: int
 
 def evaluate_ppl(model, tokenizer, datasets: list[str], seq_len: int = 128, batch_size: int = 4,
                  data_dir: str | Path | None = None, device=None, protocol: Protocol = "reference",
-                 stride: int | None = None) -> dict[str, float]:
-    """``{name: ppl}`` for each dataset name (or text file path).
+                 stride: int | None = None, max_windows: int | None = None) -> dict[str, float]:
+    """``{name: ppl}`` for each dataset name (or text file path); ``max_windows``: the first that many
+    windows only (the reference protocol).
 
     ``protocol="sliding"`` uses overlapping windows moved by ``stride`` (default ``seq_len // 2``).
     """
@@ -134,7 +140,8 @@ def evaluate_ppl(model, tokenizer, datasets: list[str], seq_len: int = 128, batc
             raise ValueError(f"perplexity text {name!r}: {ids.numel()} tokens, fewer than one window of "
                              f"{seq_len}; give a longer text or a smaller sequence length")
         if protocol == "reference":
-            results[name] = perplexity(model, ids, seq_len, batch_size, device, desc=f"ppl {name}")
+            results[name] = perplexity(model, ids, seq_len, batch_size, device, desc=f"ppl {name}",
+                                       max_windows=max_windows)
         else:
             results[name] = sliding_perplexity(model, ids, seq_len, stride or max(seq_len // 2, 1),
                                                device, desc=f"ppl {name}")
