@@ -1,8 +1,11 @@
-"""LLMPruner: structural pruning of large language models (discover -> score -> select -> shrink -> recover).
+"""LLMPruner: structural pruning of large language models.
 
-The stages live in modules of the same name: ``graph`` (dependency discovery by tracing), ``estimate``
-(importance scores), ``select`` (a pruning plan), ``shrink`` (physically slicing weights), ``recover``
-(LoRA post-training) and ``evaluate``. Architecture knowledge lives only in ``adapters``.
+One subpackage per stage of the method: ``discover`` (coupled structures, by tracing) -> ``score``
+(importance) -> ``select`` (which units go; the plan) -> ``compensate`` (refit the kept weights) -> ``shrink``
+(slice) -> ``recover`` (LoRA or distillation) -> ``evaluate`` -> ``export`` (GGUF); ``checkpoint`` reads and
+writes models, ``experts`` prunes mixture-of-experts models, ``stream`` runs the stages a layer at a time.
+``config`` holds every decision as data (``PruneConfig``, recipes), ``pipeline.prune_with`` runs it.
+Architecture knowledge lives only in ``adapters``.
 """
 
 __version__ = "0.1.0"
@@ -14,7 +17,8 @@ import types
 #: the public names and the module each lives in; imported on first use, so that ``LLMPruner.cli`` and
 #: ``LLMPruner.options`` (what the scripts' argument parsers read) load without torch
 _PUBLIC = {"load_model": "checkpoint", "load_pruned": "checkpoint", "save_pruned": "checkpoint",
-           "PruningPlan": "plan", "prune": "prune", "apply_plan": "shrink"}
+           "PruningPlan": "plan", "prune": "prune", "apply_plan": "shrink", "PruneConfig": "config",
+           "prune_with": "pipeline", "load_recipe": "recipe"}
 __all__ = sorted(_PUBLIC)
 
 
