@@ -110,28 +110,17 @@ def apply_sources(args: argparse.Namespace, explicit: set[str]) -> None:
     one place the pruning options are checked (``ValueError`` naming the flag). ``--recipe auto`` checks
     every candidate recipe with the explicit flags now, and is resolved by ``prune_run``."""
     from LLMPruner.config import PruneConfig
-    from LLMPruner.recipe import AUTO, auto_recipes, load_recipe
-    modes = ("block_wise", "channel_wise", "layer_wise")
-    mode_given = any(m in explicit for m in modes) or "prune_experts" in explicit
-
-    def overlay(values: dict) -> None:
-        for name, value in values.items():
-            if name in explicit or (name in modes and mode_given) or not hasattr(args, name):
-                continue
-            setattr(args, name, value)
-
+    from LLMPruner.recipe import AUTO, auto_recipes, load_recipe, overlay
     if args.config:
-        overlay(PruneConfig.load(args.config).to_args())
+        overlay(args, PruneConfig.load(args.config).to_args(), explicit)
     if args.recipe == AUTO:
         for recipe in auto_recipes():
             trial = argparse.Namespace(**vars(args))
-            for name, value in recipe.flags().items():
-                if name not in explicit and not (name in modes and mode_given):
-                    setattr(trial, name, value)
+            overlay(trial, recipe.flags(), explicit)
             PruneConfig.from_flat(vars(trial)).validate()
         args.recipe_explicit = sorted(explicit)
     elif args.recipe:
-        overlay(load_recipe(args.recipe).flags())
+        overlay(args, load_recipe(args.recipe).flags(), explicit)
     PruneConfig.from_flat(vars(args)).validate()
     if args.target_params is not None:
         args.target_params = parse_count(args.target_params)

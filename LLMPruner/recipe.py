@@ -39,6 +39,17 @@ class Recipe:
         return values
 
 
+def overlay(args, values: dict[str, Any], explicit: set[str] | list[str]) -> None:
+    """Set ``values`` (flag name -> value) on the namespace ``args``, except the flags given explicitly; a mode
+    switch given (or ``--prune_experts``) keeps every other switch as it is."""
+    modes = ("block_wise", "channel_wise", "layer_wise")
+    mode_given = any(m in explicit for m in modes) or "prune_experts" in explicit
+    for name, value in values.items():
+        if name in explicit or (name in modes and mode_given) or not hasattr(args, name):
+            continue
+        setattr(args, name, value)
+
+
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.json"))
 

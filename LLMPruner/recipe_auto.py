@@ -20,7 +20,7 @@ import torch
 
 from LLMPruner.checkpoint import load_model
 from LLMPruner.data.calibration import calibration_windows, heldout_windows, load_calibration_text
-from LLMPruner.recipe import Recipe, auto_recipes
+from LLMPruner.recipe import Recipe, auto_recipes, overlay
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +31,8 @@ HELDOUT_LEN = 128
 
 def candidate_args(args: argparse.Namespace, recipe: Recipe) -> argparse.Namespace:
     """``args`` with ``recipe``'s settings, except the flags given explicitly on the command line."""
-    explicit = set(getattr(args, "recipe_explicit", ()))
-    modes = ("block_wise", "channel_wise", "layer_wise")
-    mode_given = any(m in explicit for m in modes)
     trial = argparse.Namespace(**vars(args))
-    for name, value in recipe.flags().items():
-        if name not in explicit and not (name in modes and mode_given):
-            setattr(trial, name, value)
+    overlay(trial, recipe.flags(), set(getattr(args, "recipe_explicit", ())))
     trial.recipe = recipe.name
     return trial
 

@@ -104,14 +104,14 @@ def prune_argv(spec: CompressSpec) -> list[str]:
 def recover_argv(spec: CompressSpec) -> list[str]:
     out = stage_dir(spec, "recover")
     how = RECOVERY[spec.recover]
-    save_steps = max(1, spec.steps // max(1, spec.curve_points))
+    save_steps = math.ceil(spec.steps / spec.curve_points)  # evenly spaced, the last at the final step
     argv = ["post_training.py", "--prune_model", str(stage_dir(spec, "prune")), "--output_dir", str(out),
             "--distill_on", spec.distill_on or spec.calibration_data, "--train_mode", how["train_mode"],
             "--distill_loss", how["distill_loss"], "--learning_rate", str(spec.learning_rate or how["learning_rate"]),
             "--max_steps", str(spec.steps), "--batch_size", str(spec.batch_blocks),
             "--micro_batch_size", str(min(4, spec.batch_blocks)), "--cutoff_len", str(spec.block_tokens),
             "--warmup_steps", str(max(1, spec.steps // 10)), "--val_set_size", "0",
-            "--save_steps", str(save_steps), "--save_total_limit", str(spec.curve_points + 1),
+            "--save_steps", str(save_steps), "--save_total_limit", str(spec.curve_points),
             "--logging_steps", str(max(1, spec.steps // 40)), "--seed", "0"]
     if how["distill_loss"] != "none":
         argv += ["--kd_temperature", str(spec.kd_temperature)]
